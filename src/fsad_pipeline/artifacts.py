@@ -1,0 +1,120 @@
+"""Saving and loading artifacts in safe formats (PNG, CSV, JSON, ``.npy`` without pickle).
+
+Directory artifacts are written to a temporary sibling and swapped in with a rename, so a crash
+never leaves a half-written artifact where a later stage (or the inference path) would read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(target, backup)
+        os.replace(staging, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    array = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path}")
+
+
+def _read_png(path: Path, color: bool) -> np.ndarray:
+    flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE
+    array = cv2.imread(str(path), flag)
+    if array is None:
+        raise OSError(f"could not read {path}")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB) if color else array
+
+
+def save_sample_set(directory: str | Path, samples: PseudoAnomalySet) -> None:
+    """Write a pseudo-anomaly set as PNG files plus ``samples.csv`` (index, label, source_index).
+
+    Layout: ``normals/NNNNN.png`` (rotated clean image), ``images/NNNNN.png`` (augmented image),
+    ``masks/NNNNN.png`` (0/255), so a person can browse them.
+    """
+    samples.validate()
+    with atomic_directory(directory) as staging:
+        for name in ("normals", "images", "masks"):
+            (staging / name).mkdir()
+        for index in range(len(samples)):
+            stem = f"{index:05d}.png"
+            _write_png(staging / "normals" / stem, samples.normals[index])
+            _write_png(staging / "images" / stem, samples.images[index])
+            _write_png(staging / "masks" / stem, samples.masks[index].astype(np.uint8) * 255)
+        pd.DataFrame(
+            {
+                "index": np.arange(len(samples)),
+                "label": samples.labels,
+                "source_index": samples.source_index,
+            }
+        ).to_csv(staging / "samples.csv", index=False)
+
+
+def load_sample_set(directory: str | Path) -> PseudoAnomalySet:
+    directory = Path(directory)
+    table = pd.read_csv(directory / "samples.csv")
+    stems = [f"{int(i):05d}.png" for i in table["index"]]
+    samples = PseudoAnomalySet(
+        normals=np.stack([_read_png(directory / "normals" / s, True) for s in stems]),
+        images=np.stack([_read_png(directory / "images" / s, True) for s in stems]),
+        masks=np.stack([(_read_png(directory / "masks" / s, False) > 127).astype(np.uint8) for s in stems]),
+        labels=table["label"].to_numpy(dtype=np.int64),
+        source_index=table["source_index"].to_numpy(dtype=np.int64),
+    )
+    samples.validate()
+    return samples
+
+
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, np.asarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_array(path: str | Path) -> np.ndarray:
+    return np.load(Path(path), allow_pickle=False)

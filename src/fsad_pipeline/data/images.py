@@ -1,0 +1,165 @@
+"""The one image and mask reader of the project.
+
+Every image that enters the pipeline goes through :func:`read_image`, which decodes the whole
+file (so truncated files are caught here, not in the middle of training), guards against
+decompression bombs, and converts whatever it finds (grayscale, palette, RGBA, 16-bit) to
+8-bit RGB. Problems raise :class:`BadImageError`, whose message names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: Default decompression-bomb guard: images with more pixels than this are refused.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class BadImageError(ValueError):
+    """An image or mask that cannot be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (empty if the folder is missing)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def _open_fully(path: Path, max_pixels: int) -> Image.Image:
+    """Open and decode the whole file, raising BadImageError for every way it can fail."""
+    if not path.exists():
+        raise BadImageError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and only errors at 2x the limit) for big images; we apply our own guard.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImageError(
+                    path,
+                    f"{width}x{height} = {width * height} pixels exceeds the decompression-bomb "
+                    f"guard of {max_pixels} pixels (raise data.max_pixels if this is intended)",
+                )
+            image.load()  # full decode: catches truncated and corrupt data
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImageError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a >8-bit or float array to uint8 (16-bit by its full range, float by min-max)."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        top = 65535 if array.max(initial=0) > 255 else 255
+        return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    array = array.astype(np.float64)
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    scaled = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    return np.round(np.nan_to_num(scaled) * 255).astype(np.uint8)
+
+
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as uint8 H×W×3 RGB, converting grayscale, palette, alpha and 16-bit data."""
+    image, _ = read_image_with_note(path, max_pixels=max_pixels)
+    return image
+
+
+def read_image_with_note(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str]:
+    """Like :func:`read_image`, also returning a note such as ``"converted from I;16"``."""
+    path = Path(path)
+    image = _open_fully(path, max_pixels)
+    mode = image.mode
+    if mode in ("RGB",):
+        array = np.asarray(image, dtype=np.uint8)
+    elif mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
+        gray = _to_uint8(np.asarray(image))
+        array = np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in image.info):
+        # Alpha is dropped: industrial captures carry no meaningful transparency.
+        array = np.asarray(image.convert("RGBA").convert("RGB"), dtype=np.uint8)
+    else:  # L, 1, P, CMYK, YCbCr, ...
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise BadImageError(path, f"unexpected decoded shape {array.shape}")
+    note = "" if mode == "RGB" else f"converted from {mode}"
+    return np.ascontiguousarray(array), note
+
+
+def read_mask(
+    path: str | Path,
+    *,
+    expected_size: tuple[int, int] | None = None,
+    threshold: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read a ground-truth mask as uint8 H×W in {0, 1} (pixels > ``threshold`` are defect).
+
+    ``expected_size`` is (width, height) of the image the mask belongs to; a mismatch raises
+    BadImageError naming both sizes.
+    """
+    path = Path(path)
+    image = _open_fully(path, max_pixels)
+    if expected_size is not None and tuple(image.size) != tuple(expected_size):
+        raise BadImageError(
+            path,
+            f"mask is {image.size[0]}x{image.size[1]} but its image is "
+            f"{expected_size[0]}x{expected_size[1]}",
+        )
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=2) if array.shape[2] >= 3 else array[..., 0]
+    return (_to_uint8(array) > threshold).astype(np.uint8)
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an H×W×3 uint8 image to ``size`` (int → square, or (height, width)); area when shrinking."""
+    import cv2
+
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a {0,1} mask with nearest-neighbour interpolation."""
+    import cv2
+
+    height, width = (size, size) if isinstance(size, int) else size
+    if mask.shape[:2] == (height, width):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)

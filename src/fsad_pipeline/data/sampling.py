@@ -1,0 +1,57 @@
+"""Seeded k-shot support selection and loading of the selected images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from fsad_pipeline.data.images import read_image, resize_image
+
+
+def support_pool(manifest: pd.DataFrame) -> list[str]:
+    """Paths of the good training images, sorted (the pool the support shots come from)."""
+    pool = manifest[(manifest["split"] == "train") & (manifest["label"] == 0)]
+    return sorted(pool["path"].tolist())
+
+
+def select_support(manifest: pd.DataFrame, *, k_shot: int, seed: int, rounds: int = 1) -> dict:
+    """Draw ``rounds`` independent k-shot support sets from the good training images.
+
+    Round ``r`` uses ``np.random.default_rng([seed, r])``, so adding rounds never changes the
+    earlier ones. Returns a JSON-ready dict ``{k_shot, seed, pool_size, rounds: [[path, ...], ...]}``.
+    """
+    if k_shot < 1:
+        raise ValueError(f"k_shot must be at least 1, got {k_shot}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    pool = support_pool(manifest)
+    if k_shot > len(pool):
+        raise ValueError(
+            f"k_shot={k_shot} but only {len(pool)} good training image(s) are available; "
+            "lower k_shot or add good images"
+        )
+    selections = []
+    for round_index in range(rounds):
+        rng = np.random.default_rng([seed, round_index])
+        chosen = rng.choice(len(pool), size=k_shot, replace=False)
+        selections.append([pool[i] for i in sorted(chosen.tolist())])
+    return {"k_shot": int(k_shot), "seed": int(seed), "pool_size": len(pool), "rounds": selections}
+
+
+def evaluation_set(manifest: pd.DataFrame, exclude: Sequence[str] = ()) -> pd.DataFrame:
+    """The test rows of the manifest, minus any path in ``exclude`` (e.g. labelled defect shots)."""
+    excluded = set(exclude)
+    test = manifest[(manifest["split"] == "test") & ~manifest["path"].isin(excluded)]
+    return test.sort_values("path").reset_index(drop=True)
+
+
+def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *, max_pixels: int | None = None) -> np.ndarray:
+    """Read and resize images into one (N, H, W, 3) uint8 array."""
+    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+    images = [resize_image(read_image(path, **kwargs), image_size) for path in paths]
+    if not images:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        return np.zeros((0, *size, 3), dtype=np.uint8)
+    return np.stack(images)

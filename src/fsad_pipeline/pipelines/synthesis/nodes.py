@@ -1,0 +1,70 @@
+"""Thin nodes over ``fsad_pipeline.synthesis``."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fsad_pipeline.data.sampling import load_images
+from fsad_pipeline.evaluation.figures import pseudo_anomaly_examples_figure
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet, build_pseudo_anomaly_set
+from fsad_pipeline.synthesis.foreground import foreground_mask
+from fsad_pipeline.synthesis.textures import TextureBank
+
+#: Independent random streams derived from the one project seed.
+TRAIN_STREAM, VALIDATION_STREAM = 1, 2
+
+
+def load_support_images(support_selection: dict, image_size: int, data: dict) -> np.ndarray:
+    """The first support round's images at training resolution, (k, H, W, 3) uint8."""
+    return load_images(support_selection["rounds"][0], image_size, max_pixels=int(data["max_pixels"]))
+
+
+def build_texture_bank(textures: dict) -> TextureBank:
+    return TextureBank.from_sources(
+        textures.get("dtd_root") or None,
+        use_skimage=textures["use_skimage"],
+        gimp_dirs=tuple(textures["gimp_dirs"]),
+        procedural=textures["procedural"],
+    )
+
+
+def compute_foreground_masks(support_images: np.ndarray, method: str) -> np.ndarray:
+    return np.stack([foreground_mask(image, method=method) for image in support_images])
+
+
+def _build_set(support_images, foreground_masks, textures, recipe: dict, n_per_image: int, rng) -> PseudoAnomalySet:
+    return build_pseudo_anomaly_set(
+        support_images,
+        n_per_image,
+        rng,
+        textures,
+        foreground_masks=foreground_masks,
+        anomaly_probability=recipe["anomaly_probability"],
+        beta_range=tuple(recipe["beta_range"]),
+        rotation_range=tuple(recipe["rotation_range"]),
+        perlin_kwargs=dict(recipe["perlin"]),
+        augment_ops=recipe["texture_ops"],
+    )
+
+
+def synthesize_training_set(
+    support_images: np.ndarray, foreground_masks: np.ndarray, textures: TextureBank, synthesis: dict, seed: int
+) -> PseudoAnomalySet:
+    rng = np.random.default_rng([int(seed), TRAIN_STREAM])
+    return _build_set(support_images, foreground_masks, textures, synthesis, synthesis["n_per_image"], rng)
+
+
+def synthesize_validation_set(
+    support_images: np.ndarray, foreground_masks: np.ndarray, textures: TextureBank, synthesis: dict, seed: int
+) -> PseudoAnomalySet:
+    """The same recipe with its own seed (and overrides from ``synthesis.validation``)."""
+    recipe = {**synthesis, **synthesis["validation"]}
+    rng = np.random.default_rng([int(seed), VALIDATION_STREAM])
+    return _build_set(support_images, foreground_masks, textures, recipe, recipe["n_per_image"], rng)
+
+
+def plot_pseudo_anomaly_examples(samples: PseudoAnomalySet, n_examples: int) -> Figure:
+    return pseudo_anomaly_examples_figure(
+        samples.images, samples.masks, samples.labels, normals=samples.normals, n_max=int(n_examples)
+    )

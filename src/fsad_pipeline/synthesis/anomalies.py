@@ -1,0 +1,173 @@
+"""DFD pseudo-anomalies: Perlin-shaped texture pastes inside the foreground (methods.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from .foreground import FOREGROUND_METHODS, foreground_mask
+from .perlin import perlin_mask, rotate_about_center
+from .textures import TextureBank, augment_texture
+
+
+def blend_anomaly(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
+    """I·(1−M) + (1−β)·T·M + β·I·M with I, T in [0, 1] (uint8 inputs are divided by 255)."""
+
+    def to_unit(array: np.ndarray) -> np.ndarray:
+        array = np.asarray(array)
+        return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+
+    img = to_unit(image)
+    tex = to_unit(texture)
+    m = np.asarray(mask, dtype=np.float32)
+    if m.ndim == img.ndim - 1:
+        m = m[..., None]
+    return (img * (1.0 - m) + (1.0 - beta) * tex * m + beta * img * m).astype(np.float32)
+
+
+def rotate_image(image: np.ndarray, angle_deg: float, *, border: int = cv2.BORDER_REFLECT_101) -> np.ndarray:
+    """Rotate about the centre with a reflected border (the reference fills black corners)."""
+    return rotate_about_center(image, angle_deg, interpolation=cv2.INTER_LINEAR, border=border)
+
+
+@dataclass
+class PseudoAnomaly:
+    """One training sample: rotated clean image, its augmented version, mask and label."""
+
+    normal: np.ndarray  # uint8 H×W×3, the rotated clean image
+    image: np.ndarray  # uint8 H×W×3, the augmented image
+    mask: np.ndarray  # uint8 H×W {0,1}
+    label: int
+
+
+def make_pseudo_anomaly(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    textures: TextureBank,
+    *,
+    foreground: str | np.ndarray = "auto",
+    anomaly_probability: float = 0.8,
+    beta_range: tuple[float, float] = (0.0, 0.8),
+    rotation_range: tuple[float, float] = (-90.0, 90.0),
+    perlin_kwargs: dict[str, Any] | None = None,
+    augment_ops: int = 3,
+    foreground_kwargs: dict[str, Any] | None = None,
+) -> PseudoAnomaly:
+    """DFD sample: rotate, foreground, (with ``anomaly_probability``) paste a Perlin-shaped texture.
+
+    ``foreground`` is a method of ``FOREGROUND_METHODS`` applied to the rotated image, or a
+    precomputed H×W mask of the unrotated image (rotated along with it, nearest neighbour).
+    Defaults are DFD's MVTec values (p = 0.8, β ~ U[0, 0.8), rotation U(−90°, 90°)).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H×W×3 RGB image, got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    angle = rng.uniform(*rotation_range)
+    normal = rotate_image(image, angle)
+
+    if isinstance(foreground, str):
+        if foreground not in FOREGROUND_METHODS:
+            raise ValueError(f"unknown foreground {foreground!r}; choose one of {FOREGROUND_METHODS}")
+        fg = foreground_mask(normal, foreground, **(foreground_kwargs or {}))
+    else:
+        fg = np.asarray(foreground, dtype=np.uint8)
+        if fg.shape != (height, width):
+            raise ValueError(f"foreground mask shape {fg.shape} != image shape {(height, width)}")
+        fg = rotate_about_center(fg, angle, interpolation=cv2.INTER_NEAREST, border=cv2.BORDER_REFLECT_101)
+
+    empty = np.zeros((height, width), dtype=np.uint8)
+    if rng.random() >= anomaly_probability:
+        return PseudoAnomaly(normal=normal, image=normal.copy(), mask=empty, label=0)
+
+    mask = perlin_mask((height, width), rng, **(perlin_kwargs or {})) & (fg > 0).astype(np.uint8)
+    texture, _ = textures.sample(rng, (height, width))
+    texture = augment_texture(texture, rng, n_ops=augment_ops)
+    beta = rng.uniform(*beta_range)
+    if not mask.any():
+        return PseudoAnomaly(normal=normal, image=normal.copy(), mask=empty, label=0)
+    blended = blend_anomaly(normal, texture, mask, beta)
+    augmented = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+    return PseudoAnomaly(normal=normal, image=augmented, mask=mask.astype(np.uint8), label=1)
+
+
+@dataclass
+class PseudoAnomalySet:
+    """Stacked pseudo-anomalies; ``source_index`` names the support image each came from."""
+
+    normals: np.ndarray  # (M, H, W, 3) uint8
+    images: np.ndarray  # (M, H, W, 3) uint8
+    masks: np.ndarray  # (M, H, W) uint8
+    labels: np.ndarray  # (M,) int64
+    source_index: np.ndarray  # (M,) int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def validate(self) -> PseudoAnomalySet:
+        """Raise ValueError unless shapes and dtypes are consistent; returns self."""
+        count = len(self)
+        checks = {
+            "normals": (self.normals, np.uint8, 4),
+            "images": (self.images, np.uint8, 4),
+            "masks": (self.masks, np.uint8, 3),
+            "labels": (self.labels, np.int64, 1),
+            "source_index": (self.source_index, np.int64, 1),
+        }
+        for name, (array, dtype, ndim) in checks.items():
+            if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != ndim:
+                raise ValueError(f"{name} must be a {ndim}-D {np.dtype(dtype).name} array")
+            if array.shape[0] != count:
+                raise ValueError(f"{name} has {array.shape[0]} rows, expected {count}")
+        if self.normals.shape[-1] != 3 or self.images.shape != self.normals.shape:
+            raise ValueError("normals and images must both be (M, H, W, 3)")
+        if self.masks.shape != self.normals.shape[:3]:
+            raise ValueError("masks must be (M, H, W) matching the images")
+        if self.masks.size and self.masks.max() > 1:
+            raise ValueError("masks must hold values in {0, 1}")
+        if not np.array_equal(self.labels, self.masks.reshape(count, -1).max(axis=1, initial=0).astype(np.int64)):
+            raise ValueError("labels must be 1 exactly where the mask is non-empty")
+        return self
+
+
+def build_pseudo_anomaly_set(
+    support_images: Sequence[np.ndarray],
+    n_per_image: int,
+    rng: np.random.Generator,
+    textures: TextureBank,
+    *,
+    foreground_masks: Sequence[np.ndarray] | None = None,
+    progress: bool = True,
+    **make_kwargs: Any,
+) -> PseudoAnomalySet:
+    """``n_per_image`` pseudo-anomalies per support image (DFD precomputes 80 per shot).
+
+    ``foreground_masks`` (one per support image) are computed once and rotated with each
+    sample, instead of recomputing the foreground of every rotated copy.
+    """
+    if len(support_images) == 0:
+        raise ValueError("need at least one support image")
+    if foreground_masks is not None and len(foreground_masks) != len(support_images):
+        raise ValueError(f"{len(foreground_masks)} foreground masks for {len(support_images)} support images")
+    shapes = {tuple(np.asarray(img).shape) for img in support_images}
+    if len(shapes) != 1:
+        raise ValueError(f"all support images must share one size, got {sorted(shapes)}")
+    (shape,) = shapes
+    total = len(support_images) * int(n_per_image)
+    normals = np.empty((total, *shape), dtype=np.uint8)
+    images = np.empty((total, *shape), dtype=np.uint8)
+    masks = np.empty((total, *shape[:2]), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    source_index = np.repeat(np.arange(len(support_images), dtype=np.int64), int(n_per_image))
+    with tqdm(total=total, desc="pseudo-anomalies", disable=not progress) as bar:
+        for row, source in enumerate(source_index):
+            if foreground_masks is not None:
+                make_kwargs["foreground"] = foreground_masks[int(source)]
+            sample = make_pseudo_anomaly(support_images[int(source)], rng, textures, **make_kwargs)
+            normals[row], images[row], masks[row], labels[row] = sample.normal, sample.image, sample.mask, sample.label
+            bar.update(1)
+    return PseudoAnomalySet(normals, images, masks, labels, source_index).validate()

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsad_pipeline.data.images import BadImageError, read_image, read_image_with_note, read_mask, resize_image
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def test_rgb_roundtrip(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    image, note = read_image_with_note(_save(tmp_path / "a.png", array))
+    assert image.dtype == np.uint8 and image.shape == (20, 30, 3)
+    assert np.array_equal(image, array) and note == ""
+
+
+def test_grayscale_becomes_rgb(tmp_path):
+    gray = np.arange(200, dtype=np.uint8).reshape(10, 20)
+    image, note = read_image_with_note(_save(tmp_path / "g.png", gray))
+    assert image.shape == (10, 20, 3)
+    assert np.array_equal(image[..., 0], gray) and np.array_equal(image[..., 2], gray)
+    assert note == "converted from L"
+
+
+def test_rgba_drops_alpha(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 128
+    image = read_image(_save(tmp_path / "a.png", rgba))
+    assert image.shape == (8, 8, 3) and int(image[0, 0, 0]) == 200
+
+
+def test_16bit_is_scaled_to_8bit(tmp_path):
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    image, note = read_image_with_note(path)
+    assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+    assert image.max() == round(63000 / 257) and "converted" in note
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(BadImageError, match="empty.png: zero-byte"):
+        read_image(path)
+
+
+def test_truncated_file(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = _save(tmp_path / "t.png", array)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImageError, match="t.png: cannot decode"):
+        read_image(path)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "c.jpg"
+    path.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(BadImageError, match="c.jpg"):
+        read_image(path)
+
+
+def test_decompression_bomb_guard(tmp_path):
+    path = _save(tmp_path / "big.png", np.zeros((100, 100), np.uint8))
+    with pytest.raises(BadImageError, match="decompression-bomb"):
+        read_image(path, max_pixels=5_000)
+    assert read_image(path, max_pixels=10_000).shape == (100, 100, 3)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadImageError, match="does not exist"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_mask_binarised_and_size_checked(tmp_path):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:4, 3:5] = 255
+    mask[0, 0] = 85  # a stray grey value still counts as defect (threshold 0)
+    path = _save(tmp_path / "m.png", mask)
+    read = read_mask(path, expected_size=(12, 10))
+    assert read.dtype == np.uint8 and set(np.unique(read)) == {0, 1} and read.sum() == 5
+    assert read_mask(path, threshold=127).sum() == 4
+    with pytest.raises(BadImageError, match="mask is 12x10 but its image is 20x10"):
+        read_mask(path, expected_size=(20, 10))
+
+
+def test_resize_image():
+    image = np.zeros((10, 20, 3), np.uint8)
+    assert resize_image(image, 8).shape == (8, 8, 3)
+    assert resize_image(image, (5, 7)).shape == (5, 7, 3)
