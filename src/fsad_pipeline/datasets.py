@@ -9,6 +9,7 @@ import numpy as np
 from kedro.io import AbstractDataset
 
 from fsad_pipeline import artifacts
+from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
@@ -45,3 +46,21 @@ class PseudoAnomalySetDataset(_PathDataset):
 
     def _exists(self) -> bool:
         return (self._filepath / "samples.csv").exists()
+
+
+class DFDScorerDataset(_PathDataset):
+    """A trained DFD scorer: ``dfd.safetensors`` + ``dfd_config.json`` + ``scorer.json``, written atomically."""
+
+    def __init__(self, filepath: str, device: str = "auto", metadata: dict[str, Any] | None = None):
+        super().__init__(filepath, metadata)
+        self._device = device
+
+    def load(self) -> DFDScorer:
+        return DFDScorer.load(self._filepath, device=self._device)
+
+    def save(self, data: DFDScorer) -> None:
+        with artifacts.atomic_directory(self._filepath) as staging:
+            data.save(staging)
+
+    def _exists(self) -> bool:
+        return (self._filepath / "scorer.json").exists()

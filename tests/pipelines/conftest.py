@@ -16,6 +16,11 @@ TINY_PARAMS: dict[str, Any] = {
     "parameters.yml": {"k_shot": 2, "image_size": 64, "seed": 0},
     "parameters_ingestion.yml": {"data": {"source": "mvtec", "category": "widget"}},
     "parameters_synthesis.yml": {"synthesis": {"n_per_image": 4, "validation": {"n_per_image": 3}, "n_examples": 4}},
+    "parameters_training.yml": {
+        "features": {"pretrain_dim": 32, "target_dim": 32, "batch_size": 8},
+        "dfd": {"meta_epochs": 2, "epochs": 1, "gaussian_hidden": 32},
+    },
+    "parameters_evaluation.yml": {"evaluation": {"n_overlays": 4}},
 }
 
 

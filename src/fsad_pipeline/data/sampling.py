@@ -55,3 +55,25 @@ def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *, max_
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         return np.zeros((0, *size, 3), dtype=np.uint8)
     return np.stack(images)
+
+
+def load_gt_masks(
+    mask_paths: Sequence[str], labels: Sequence[int], image_size: int | tuple[int, int], *, threshold: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth masks at ``image_size`` (nearest), all-zero for normal images.
+
+    Returns ``(masks (N, H, W) uint8, has_mask (N,) bool)``; ``has_mask`` is False for a defect
+    image without a mask, so pixel metrics can leave it out instead of counting it as all-normal.
+    """
+    from fsad_pipeline.data.images import read_mask, resize_mask
+
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    masks = np.zeros((len(mask_paths), height, width), dtype=np.uint8)
+    has_mask = np.zeros(len(mask_paths), dtype=bool)
+    for index, (path, label) in enumerate(zip(mask_paths, labels)):
+        if int(label) == 0:
+            has_mask[index] = True
+        elif path:
+            masks[index] = resize_mask(read_mask(path, threshold=threshold), (height, width))
+            has_mask[index] = True
+    return masks, has_mask

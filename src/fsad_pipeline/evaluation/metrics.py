@@ -198,7 +198,7 @@ def per_defect_type_auroc(
     the result is keyed by defect type (sorted), NaN where a side is empty.
     """
     labels, scores = _labels_and_scores(gt_labels, pred_scores)
-    types = np.asarray([str(t) for t in _as_1d(defect_types)])
+    types = np.asarray([str(t) for t in np.asarray(defect_types, dtype=object).ravel()])
     if types.size != labels.size:
         raise ValueError(f"defect_types has {types.size} entries, expected {labels.size}")
     is_normal = (labels == 0) | (types == normal_name)

@@ -1,0 +1,67 @@
+"""The evaluation of one scored test set: every metric in one JSON-ready dict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fsad_pipeline.evaluation.metrics import (
+    aupro,
+    f1_max,
+    image_auroc,
+    per_defect_type_auroc,
+    pixel_auroc,
+    pr_curve_points,
+    roc_curve_points,
+)
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def evaluate_predictions(
+    predictions: pd.DataFrame,
+    anomaly_maps: np.ndarray | None = None,
+    gt_masks: np.ndarray | None = None,
+    has_mask: np.ndarray | None = None,
+    *,
+    fpr_limit: float = 0.3,
+) -> dict:
+    """Image metrics always; pixel AUROC and AUPRO when at least one defect image has a mask.
+
+    Defect images without a mask are left out of the pixel metrics (``has_mask`` False).
+    """
+    labels = predictions["gt_label"].to_numpy().astype(int)
+    scores = predictions["pred_score"].to_numpy().astype(np.float64)
+    f1, f1_threshold = f1_max(labels, scores) if labels.max(initial=0) == 1 else (float("nan"), float("nan"))
+    predicted = predictions["pred_label"].to_numpy().astype(int)
+    metrics = {
+        "image_auroc": _clean(image_auroc(labels, scores)),
+        "image_auroc_per_defect_type": {
+            k: _clean(v) for k, v in per_defect_type_auroc(labels, scores, predictions["defect_type"].to_numpy()).items()
+        },
+        "f1_max": _clean(f1),
+        "f1_max_threshold": _clean(f1_threshold),
+        "accuracy_at_threshold": float((predicted == labels).mean()) if len(labels) else None,
+        "n_images": int(len(labels)),
+        "n_anomalous": int(labels.sum()),
+        "pixel_auroc": None,
+        "aupro": None,
+    }
+    if anomaly_maps is not None and gt_masks is not None:
+        keep = np.ones(len(labels), dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
+        if (keep & (labels == 1)).any():
+            maps = np.asarray(anomaly_maps[keep], dtype=np.float32)
+            masks = gt_masks[keep]
+            metrics["pixel_auroc"] = _clean(pixel_auroc(masks, maps))
+            metrics["aupro"] = _clean(aupro(masks, maps, fpr_limit=fpr_limit))
+            metrics["n_images_with_masks"] = int(keep.sum())
+    return metrics
+
+
+def curve_points(predictions: pd.DataFrame) -> dict:
+    """ROC and PR points of the image scores (for DVC plots and figures)."""
+    labels = predictions["gt_label"].to_numpy().astype(int)
+    scores = predictions["pred_score"].to_numpy().astype(np.float64)
+    return {"roc": roc_curve_points(labels, scores), "pr": pr_curve_points(labels, scores)}

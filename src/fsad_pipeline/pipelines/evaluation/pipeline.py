@@ -1,0 +1,32 @@
+from kedro.pipeline import Pipeline, node
+
+from .nodes import compute_metrics, plot_results
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                compute_metrics,
+                inputs=[
+                    "predictions",
+                    "anomaly_maps",
+                    "dfd_model",
+                    "scoring_timing",
+                    "params:image_size",
+                    "params:k_shot",
+                    "params:seed",
+                    "params:evaluation",
+                ],
+                outputs=["metrics", "roc_curve"],
+                name="compute_metrics",
+            ),
+            node(
+                plot_results,
+                inputs=["predictions", "anomaly_maps", "dfd_model", "params:image_size", "params:evaluation"],
+                outputs=["roc_figure", "score_histogram", "anomaly_overlays"],
+                name="plot_results",
+            ),
+        ],
+        tags="evaluation",
+    )

@@ -1,0 +1,40 @@
+"""Thin nodes over ``fsad_pipeline.scoring.dfd_scorer``."""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from fsad_pipeline.evaluation.figures import training_history_figure
+from fsad_pipeline.models.dfd_training import DFDTrainConfig
+from fsad_pipeline.scoring.dfd_scorer import DFDScorer, FeatureConfig
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+
+def feature_config(backbone: str, image_size: int, features: dict) -> FeatureConfig:
+    return FeatureConfig.from_dict({**features, "backbone": backbone, "image_size": int(image_size)})
+
+
+def train_dfd_model(
+    pseudo_anomalies: PseudoAnomalySet,
+    synthetic_validation: PseudoAnomalySet,
+    backbone: str,
+    image_size: int,
+    features: dict,
+    dfd: dict,
+    threshold: dict,
+    seed: int,
+    device: str,
+) -> tuple[DFDScorer, list[dict], Figure]:
+    # Deterministic on CPU: same seed + data -> same weights and scores.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    scorer = DFDScorer.fit(
+        pseudo_anomalies,
+        synthetic_validation,
+        features=feature_config(backbone, image_size, features),
+        train_config=DFDTrainConfig.from_dict({**dfd, "seed": int(seed)}),
+        threshold_method=threshold["method"],
+        target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
+        device=device,
+    )
+    return scorer, scorer.history, training_history_figure(scorer.history)
