@@ -243,8 +243,9 @@ def heatmap_overlay_grid(
     cmap: str = "jet",
     contour_color: str = "red",
     cell_size: float = 2.5,
+    per_row: int = 1,
 ) -> Figure:
-    """One row per image: image | heat-map overlay | image with GT contour.
+    """Per image: image | heat-map overlay | image with GT contour; ``per_row`` images side by side.
 
     The GT column is present only with ``gt_masks``. Maps of another size than the
     image are resized bilinearly. ``vmin``/``vmax`` default to the min/max over the
@@ -259,23 +260,28 @@ def heatmap_overlay_grid(
     low = float(min(m.min() for m in maps)) if vmin is None else vmin
     high = float(max(m.max() for m in maps)) if vmax is None else vmax
 
-    fig = Figure(figsize=(cell_size * n_cols, cell_size * n_rows))
-    axes = _image_axes(fig, n_rows, n_cols)
-    for row in range(n_rows):
-        image = rgb_images[row]
-        axes[row, 0].imshow(image)
-        axes[row, 1].imshow(image)
-        axes[row, 1].imshow(maps[row], cmap=cmap, alpha=alpha, vmin=low, vmax=high)
+    per_row = max(1, min(int(per_row), n_rows))
+    grid_rows = math.ceil(n_rows / per_row)
+    fig = Figure(figsize=(cell_size * n_cols * per_row, cell_size * grid_rows))
+    all_axes = _image_axes(fig, grid_rows, n_cols * per_row)
+    for ax in all_axes.ravel()[n_rows * n_cols :]:
+        ax.set_axis_off()
+    for index in range(n_rows):
+        row, offset = divmod(index, per_row)
+        axes = all_axes[row, offset * n_cols : (offset + 1) * n_cols]
+        image = rgb_images[index]
+        axes[0].imshow(image)
+        axes[1].imshow(image)
+        axes[1].imshow(maps[index], cmap=cmap, alpha=alpha, vmin=low, vmax=high)
         if gt_masks is not None:
-            mask = _to_2d_float(gt_masks[row], *image.shape[:2])
-            axes[row, 2].imshow(image)
-            _draw_contour(axes[row, 2], mask, contour_color)
-        row_title = titles[row] if titles is not None and row < len(titles) else f"#{row}"
-        axes[row, 0].set_title(str(row_title), fontsize="small")
-        if row == 0:
-            axes[row, 1].set_title("anomaly map", fontsize="small")
-            if gt_masks is not None:
-                axes[row, 2].set_title("ground truth", fontsize="small")
+            mask = _to_2d_float(gt_masks[index], *image.shape[:2])
+            axes[2].imshow(image)
+            _draw_contour(axes[2], mask, contour_color)
+        title = titles[index] if titles is not None and index < len(titles) else f"#{index}"
+        axes[0].set_title(str(title), fontsize="small")
+        axes[1].set_title("anomaly map", fontsize="small")
+        if gt_masks is not None:
+            axes[2].set_title("ground truth", fontsize="small")
     fig.tight_layout()
     return fig
 

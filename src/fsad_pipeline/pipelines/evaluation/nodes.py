@@ -72,5 +72,6 @@ def plot_results(
         n_max=n,
         vmin=0.0,
         vmax=max(1.0, float(np.max(scores))),
+        per_row=int(evaluation["overlays_per_row"]),
     )
     return roc, histogram, overlays

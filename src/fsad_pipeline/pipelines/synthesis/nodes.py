@@ -42,7 +42,7 @@ def _build_set(support_images, foreground_masks, textures, recipe: dict, n_per_i
         foreground_masks=foreground_masks,
         anomaly_probability=recipe["anomaly_probability"],
         beta_range=tuple(recipe["beta_range"]),
-        rotation_range=tuple(recipe["rotation_range"]),
+        rotation_range=(-float(recipe["max_rotation_deg"]), float(recipe["max_rotation_deg"])),
         perlin_kwargs=dict(recipe["perlin"]),
         augment_ops=recipe["texture_ops"],
     )
