@@ -64,3 +64,19 @@ class DFDScorerDataset(_PathDataset):
 
     def _exists(self) -> bool:
         return (self._filepath / "scorer.json").exists()
+
+
+class PatchScorerSetDataset(_PathDataset):
+    """The fitted patch scorers (kNN bank, Gaussian, anomalous bank), written atomically."""
+
+    def load(self):
+        from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+
+        return PatchScorerSet.load(self._filepath)
+
+    def save(self, data) -> None:
+        with artifacts.atomic_directory(self._filepath) as staging:
+            data.save(staging)
+
+    def _exists(self) -> bool:
+        return (self._filepath / "features.json").exists()

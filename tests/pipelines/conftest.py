@@ -21,6 +21,11 @@ TINY_PARAMS: dict[str, Any] = {
         "dfd": {"meta_epochs": 2, "epochs": 1, "gaussian_hidden": 32},
     },
     "parameters_evaluation.yml": {"evaluation": {"n_overlays": 4}},
+    "parameters_memory_bank.yml": {
+        "support_augmentation": {"rotations": False, "translations": False},
+        "memory_bank": {"features": {"pretrain_dim": 32, "target_dim": 32, "batch_size": 8}},
+    },
+    "parameters_scoring.yml": {"fusion": {"n_trials": 20}},
 }
 
 

@@ -6,6 +6,9 @@ import pytest
 
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.ensemble import assemble
+from fsad_pipeline.scoring.fusion import Fusion
+from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 
 pytestmark = pytest.mark.slow
 
@@ -18,23 +21,46 @@ def test_dfd_chain_end_to_end(tiny_project):
         assert key in metrics, key
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["k_shot"] == 2 and metrics["backbone"] == "efficientnet_lite0"
+    assert set(metrics["scorers"]) == {"dfd", "knn", "gaussian"}  # no CLIP checkpoint, no defect shots
+    for name, scorer in metrics["scorers"].items():
+        assert 0.0 <= scorer["image_auroc"] <= 1.0 and 0.0 <= scorer["pixel_auroc"] <= 1.0, name
+    assert abs(sum(metrics["fusion_weights"].values()) - 1.0) < 1e-6
     predictions = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"), keep_default_na=False)
     assert list(predictions.columns[:6]) == ["path", "gt_label", "defect_type", "mask_path", "pred_score", "pred_label"]
+    assert {"score_dfd", "score_knn", "score_gaussian"} <= set(predictions.columns)
     assert len(predictions) == 4 + 6
     maps = np.load(tiny_project.path("data/07_model_output/anomaly_maps.npy"))
     assert maps.shape == (10, 64, 64)
-    for figure in ("roc_curve.png", "score_histogram.png", "anomaly_overlays.png", "training_curves.png"):
+    assert np.load(tiny_project.path("data/07_model_output/scorer_maps.npy")).shape == (3, 10, 64, 64)
+    for figure in ("roc_curve.png", "score_histogram.png", "anomaly_overlays.png", "training_curves.png",
+                   "scorer_comparison.png"):
         assert tiny_project.path(f"data/08_reporting/{figure}").stat().st_size > 1000, figure
 
-    # The saved model reproduces the scores exactly.
-    scorer = DFDScorer.load(tiny_project.path("data/06_models/dfd"), device="cpu")
+    # The saved models reproduce the scores exactly.
     images = load_images(predictions["path"].tolist(), 64)
+    scorer = DFDScorer.load(tiny_project.path("data/06_models/dfd"), device="cpu")
     again = scorer.score(images)["pred_score"]
-    np.testing.assert_allclose(again, predictions["pred_score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again, predictions["score_dfd"].to_numpy(), rtol=1e-5, atol=1e-6)
+    fusion = json.loads(tiny_project.path("data/06_models/fusion.json").read_text())
+    ensemble = assemble(scorer, PatchScorerSet.load(tiny_project.path("data/06_models/patch_scorers")),
+                        image_size=64, fusion=Fusion.from_dict(fusion))
+    fused = ensemble.score(images)
+    np.testing.assert_allclose(fused["pred_score"], predictions["pred_score"].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_labelled_defect_shots_feed_the_anomalous_bank(tiny_project):
+    tiny_project.run("dfd", params={"k_defect_shots": 1})
+    metrics = json.loads(tiny_project.path("data/08_reporting/metrics.json").read_text())
+    assert "anomalous_bank" in metrics["scorers"]
+    shots = json.loads(tiny_project.path("data/02_intermediate/defect_shots.json").read_text())["shots"]
+    assert {k: len(v) for k, v in shots.items()} == {"scratch": 1, "spot": 1}
+    predictions = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"), keep_default_na=False)
+    assert not set(sum(shots.values(), [])) & set(predictions["path"])  # never evaluated on its own shots
+    assert len(predictions) == 10 - 2
 
 
 def test_training_is_deterministic(tiny_project):
-    tiny_project.run(["ingestion", "synthesis", "training", "scoring"])
+    tiny_project.run(["ingestion", "synthesis", "training", "memory_bank", "scoring"])
     first = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"))["pred_score"].to_numpy()
     tiny_project.run(["training", "scoring"])
     second = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"))["pred_score"].to_numpy()

@@ -77,3 +77,28 @@ def load_gt_masks(
             masks[index] = resize_mask(read_mask(path, threshold=threshold), (height, width))
             has_mask[index] = True
     return masks, has_mask
+
+
+def select_defect_shots(manifest: pd.DataFrame, *, k_defect_shots: int, seed: int) -> dict:
+    """Up to ``k_defect_shots`` labelled defect images per defect type, taken from the test set.
+
+    These images teach the anomalous memory bank (and the defect-type classifier); they are
+    removed from every evaluation (see :func:`evaluation_set`). Returns
+    ``{"k_defect_shots": k, "seed": seed, "shots": {defect_type: [path, ...]}}``.
+    """
+    if k_defect_shots < 0:
+        raise ValueError(f"k_defect_shots must be >= 0, got {k_defect_shots}")
+    shots: dict[str, list[str]] = {}
+    if k_defect_shots > 0:
+        defects = manifest[(manifest["split"] == "test") & (manifest["label"] == 1)]
+        for defect_type in sorted(defects["defect_type"].unique()):
+            paths = sorted(defects.loc[defects["defect_type"] == defect_type, "path"])
+            # Keep at least one image of the type for evaluation.
+            take = min(k_defect_shots, max(0, len(paths) - 1))
+            rng = np.random.default_rng([seed, 7919, len(shots)])
+            shots[str(defect_type)] = sorted(paths[i] for i in rng.choice(len(paths), size=take, replace=False))
+    return {"k_defect_shots": int(k_defect_shots), "seed": int(seed), "shots": shots}
+
+
+def defect_shot_paths(defect_shots: dict) -> list[str]:
+    return sorted(path for paths in defect_shots.get("shots", {}).values() for path in paths)

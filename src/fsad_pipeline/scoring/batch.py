@@ -1,4 +1,4 @@
-"""Scoring many image files with any scorer, in chunks, with progress and timing."""
+"""Scoring many image files with the scorer ensemble, in chunks, with progress and timing."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fsad_pipeline.data.sampling import load_images
-from fsad_pipeline.scoring.base import Scorer
+from fsad_pipeline.scoring.ensemble import ScorerEnsemble
 
 
 def score_paths(
-    scorer: Scorer,
+    ensemble: ScorerEnsemble,
     paths: Sequence[str],
     *,
     chunk_size: int = 32,
@@ -21,26 +21,39 @@ def score_paths(
     map_dtype: type = np.float16,
     progress: bool = True,
 ) -> dict:
-    """Score image files; returns ``anomaly_maps`` (N, H, W), ``pred_scores`` (N,), seconds and img/s.
+    """Score image files with every scorer and fuse.
 
-    Reading and resizing the files is part of the timing (that is what a user waits for).
+    Returns ``anomaly_maps`` (N, H, W) and ``pred_scores`` (N,) of the fused result,
+    ``scorer_maps`` (S, N, H, W), ``scorer_scores`` {name: (N,)}, seconds and images/s. Reading
+    and resizing the files is part of the timing (that is what a user waits for).
     """
-    height, width = scorer.image_size
+    if ensemble.fusion is None:
+        raise ValueError("the ensemble needs its fusion before scoring")
+    height, width = ensemble.image_size
+    names = ensemble.fusion.scorers
     maps = np.zeros((len(paths), height, width), dtype=map_dtype)
+    scorer_maps = np.zeros((len(names), len(paths), height, width), dtype=map_dtype)
     scores = np.zeros(len(paths), dtype=np.float32)
+    scorer_scores = {name: np.zeros(len(paths), dtype=np.float32) for name in names}
     started = time.perf_counter()
-    with tqdm(total=len(paths), desc=f"scoring ({scorer.name})", disable=not progress, unit="img") as bar:
+    with tqdm(total=len(paths), desc="scoring", disable=not progress, unit="img") as bar:
         for start in range(0, len(paths), chunk_size):
             chunk = list(paths[start : start + chunk_size])
-            images = load_images(chunk, (height, width), max_pixels=max_pixels)
-            out = scorer.score(images)
-            maps[start : start + len(chunk)] = out["anomaly_map"].astype(map_dtype)
-            scores[start : start + len(chunk)] = out["pred_score"]
+            stop = start + len(chunk)
+            outputs = ensemble.score_each(load_images(chunk, (height, width), max_pixels=max_pixels))
+            fused = ensemble.fusion.fuse(outputs)
+            maps[start:stop] = fused["anomaly_map"].astype(map_dtype)
+            scores[start:stop] = fused["pred_score"]
+            for index, name in enumerate(names):
+                scorer_maps[index, start:stop] = outputs[name]["anomaly_map"].astype(map_dtype)
+                scorer_scores[name][start:stop] = outputs[name]["pred_score"]
             bar.update(len(chunk))
     seconds = time.perf_counter() - started
     return {
         "anomaly_maps": maps,
         "pred_scores": scores,
+        "scorer_maps": scorer_maps,
+        "scorer_scores": scorer_scores,
         "seconds": seconds,
         "images_per_second": len(paths) / seconds if seconds > 0 else float("nan"),
     }

@@ -48,8 +48,8 @@ class FeatureConfig:
     pretrained: bool = True
     weights_path: str | None = None
     patch_size: int = 3
-    pretrain_dim: int = 384
-    target_dim: int = 384
+    pretrain_dim: int = 128
+    target_dim: int = 128
     image_size: int = 256
     batch_size: int = 16
 

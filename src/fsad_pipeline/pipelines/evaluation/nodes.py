@@ -7,28 +7,45 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fsad_pipeline.data.sampling import load_gt_masks, load_images
-from fsad_pipeline.evaluation.figures import heatmap_overlay_grid, roc_figure, score_histogram_figure
+from fsad_pipeline.evaluation.figures import heatmap_overlay_grid, metric_bar_figure, roc_figure, score_histogram_figure
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+
+
+def _scorer_predictions(predictions: pd.DataFrame, name: str) -> pd.DataFrame:
+    return predictions.assign(pred_score=predictions[f"score_{name}"])
 
 
 def compute_metrics(
     predictions: pd.DataFrame,
     anomaly_maps: np.ndarray,
+    scorer_maps: np.ndarray,
+    fusion: dict,
     dfd_model: DFDScorer,
     scoring_timing: dict,
     image_size: int,
     k_shot: int,
+    k_defect_shots: int,
     seed: int,
     evaluation: dict,
 ) -> tuple[dict, pd.DataFrame]:
+    """metrics.json: the fused result at the top level, every scorer under ``scorers``."""
     masks, has_mask = load_gt_masks(predictions["mask_path"].tolist(), predictions["gt_label"].tolist(), int(image_size))
-    metrics = evaluate_predictions(predictions, anomaly_maps, masks, has_mask, fpr_limit=float(evaluation["aupro_fpr_limit"]))
+    limit = float(evaluation["aupro_fpr_limit"])
+    metrics = evaluate_predictions(predictions, anomaly_maps, masks, has_mask, fpr_limit=limit)
+    scorers = {}
+    for index, name in enumerate(fusion["scorers"]):
+        single = evaluate_predictions(_scorer_predictions(predictions, name), scorer_maps[index], masks, has_mask, fpr_limit=limit)
+        scorers[name] = {k: single[k] for k in ("image_auroc", "image_auroc_per_defect_type", "pixel_auroc", "aupro", "f1_max")}
     metrics.update(
         {
-            "threshold": dfd_model.threshold["threshold"],
-            "threshold_method": dfd_model.threshold["method"],
+            "scorers": scorers,
+            "fusion_weights": fusion["weights"],
+            "fusion_method": fusion["search"].get("method"),
+            "threshold": fusion["threshold"]["threshold"],
+            "threshold_method": fusion["threshold"]["method"],
             "k_shot": int(k_shot),
+            "k_defect_shots": int(k_defect_shots),
             "seed": int(seed),
             "backbone": dfd_model.features.backbone,
             "image_size": int(image_size),
@@ -45,29 +62,29 @@ def compute_metrics(
 
 
 def plot_results(
-    predictions: pd.DataFrame, anomaly_maps: np.ndarray, dfd_model: DFDScorer, image_size: int, evaluation: dict
+    predictions: pd.DataFrame, anomaly_maps: np.ndarray, fusion: dict, image_size: int, evaluation: dict
 ) -> tuple[Figure, Figure, Figure]:
     labels = predictions["gt_label"].to_numpy()
     scores = predictions["pred_score"].to_numpy()
-    roc = roc_figure(labels, scores, title="DFD image-level ROC")
+    curves = {"fused": (labels, scores)}
+    curves.update({name: (labels, predictions[f"score_{name}"].to_numpy()) for name in fusion["scorers"]})
+    roc = roc_figure(title="Image-level ROC per scorer", curves=curves)
     histogram = score_histogram_figure(
-        scores, labels, threshold=dfd_model.threshold["threshold"], defect_types=predictions["defect_type"].to_numpy()
+        scores, labels, threshold=fusion["threshold"]["threshold"], defect_types=predictions["defect_type"].to_numpy()
     )
-    # The most anomalous images first, then the least anomalous normals, to see both ends.
+    # The most anomalous images first, then the least anomalous ones, to see both ends.
     n = int(evaluation["n_overlays"])
     order = np.argsort(-scores)
     chosen = np.concatenate([order[: n - n // 4], order[::-1][: n // 4]]) if len(order) > n else order
     chosen = list(dict.fromkeys(chosen.tolist()))
     rows = predictions.iloc[chosen]
     images = load_images(rows["path"].tolist(), int(image_size))
-    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), int(image_size))
-    titles = [
-        f"{r.defect_type} score={r.pred_score:.2f} {'NG' if r.pred_label else 'OK'}" for r in rows.itertuples()
-    ]
+    masks, _ = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), int(image_size))
+    titles = [f"{r.defect_type} score={r.pred_score:.2f} {'NG' if r.pred_label else 'OK'}" for r in rows.itertuples()]
     overlays = heatmap_overlay_grid(
         images,
         np.asarray(anomaly_maps[chosen], dtype=np.float32),
-        gt_masks=masks if has_mask.any() and (rows["mask_path"] != "").any() else None,
+        gt_masks=masks if (rows["mask_path"] != "").any() else None,
         titles=titles,
         n_max=n,
         vmin=0.0,
@@ -75,3 +92,13 @@ def plot_results(
         per_row=int(evaluation["overlays_per_row"]),
     )
     return roc, histogram, overlays
+
+
+def plot_scorer_comparison(metrics: dict) -> Figure:
+    values = {"fused": metrics["image_auroc"]}
+    values.update({name: m["image_auroc"] for name, m in metrics["scorers"].items()})
+    return metric_bar_figure(
+        {k: float("nan") if v is None else v for k, v in values.items()},
+        title="Image AUROC per scorer (test set)",
+        ylabel="image AUROC",
+    )

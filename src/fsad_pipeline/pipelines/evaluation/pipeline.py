@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import compute_metrics, plot_results
+from .nodes import compute_metrics, plot_results, plot_scorer_comparison
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,10 +11,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "predictions",
                     "anomaly_maps",
+                    "scorer_maps",
+                    "fusion",
                     "dfd_model",
                     "scoring_timing",
                     "params:image_size",
                     "params:k_shot",
+                    "params:k_defect_shots",
                     "params:seed",
                     "params:evaluation",
                 ],
@@ -23,10 +26,11 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 plot_results,
-                inputs=["predictions", "anomaly_maps", "dfd_model", "params:image_size", "params:evaluation"],
+                inputs=["predictions", "anomaly_maps", "fusion", "params:image_size", "params:evaluation"],
                 outputs=["roc_figure", "score_histogram", "anomaly_overlays"],
                 name="plot_results",
             ),
+            node(plot_scorer_comparison, inputs="metrics", outputs="scorer_comparison", name="plot_scorer_comparison"),
         ],
         tags="evaluation",
     )

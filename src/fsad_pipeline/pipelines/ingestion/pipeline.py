@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import build_image_manifest, select_support_shots
+from .nodes import build_image_manifest, select_labelled_defects, select_support_shots
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -17,6 +17,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["manifest", "params:k_shot", "params:seed", "params:support_rounds"],
                 outputs="support_selection",
                 name="select_support_shots",
+            ),
+            node(
+                select_labelled_defects,
+                inputs=["manifest", "params:k_defect_shots", "params:seed"],
+                outputs="defect_shots",
+                name="select_labelled_defects",
             ),
         ],
         tags="ingestion",

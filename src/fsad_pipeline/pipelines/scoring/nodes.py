@@ -1,26 +1,91 @@
-"""Thin nodes over ``fsad_pipeline.scoring``."""
+"""Thin nodes over ``fsad_pipeline.scoring``: fit the fusion on validation data, score the test set."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from fsad_pipeline.data.sampling import evaluation_set
+from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set
+from fsad_pipeline.models.features import select_device
 from fsad_pipeline.scoring.batch import score_paths
+from fsad_pipeline.scoring.calibration import calibrate_threshold
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.ensemble import assemble, build_winclip, score_in_chunks
+from fsad_pipeline.scoring.fusion import Fusion, fit_fusion
+from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+
+def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None):
+    device = str(select_device(device))
+    return assemble(
+        dfd_model,
+        patch_scorers,
+        image_size=int(image_size),
+        winclip_scorer=build_winclip(support_images, winclip, device=device),
+        map_sigma=dfd_model.train_config.map_sigma,
+        device=device,
+        fusion=fusion,
+    )
+
+
+def fit_score_fusion(
+    dfd_model: DFDScorer,
+    patch_scorers: PatchScorerSet,
+    support_images: np.ndarray,
+    synthetic_validation: PseudoAnomalySet,
+    fusion: dict,
+    threshold: dict,
+    winclip: dict,
+    image_size: int,
+    seed: int,
+    device: str,
+) -> dict:
+    """Per-scorer normalisation, fusion weights and the decision threshold, all on validation data."""
+    ensemble = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device)
+    outputs = score_in_chunks(ensemble, synthetic_validation.images)
+    labels = synthetic_validation.labels
+    fitted = fit_fusion(
+        outputs,
+        labels,
+        synthetic_validation.masks,
+        n_trials=int(fusion["n_trials"]),
+        seed=int(seed),
+        min_gain=float(fusion["min_gain"]),
+        pixel_weight=float(fusion["pixel_weight"]),
+        search=bool(fusion["search"]),
+    )
+    fused = fitted.fuse(outputs)
+    decision = calibrate_threshold(
+        labels,
+        fused["pred_score"],
+        method=threshold["method"],
+        target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
+    )
+    return {**fitted.to_dict(), "threshold": decision, "scorers": fitted.scorers}
 
 
 def score_test_images(
-    manifest: pd.DataFrame, dfd_model: DFDScorer, data: dict, scoring: dict
-) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    """Per-image predictions (CSV), anomaly maps (.npy) and the scoring speed."""
-    test = evaluation_set(manifest)
+    manifest: pd.DataFrame,
+    defect_shots: dict,
+    dfd_model: DFDScorer,
+    patch_scorers: PatchScorerSet,
+    support_images: np.ndarray,
+    fusion: dict,
+    data: dict,
+    scoring: dict,
+    winclip: dict,
+    image_size: int,
+    device: str,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
+    """Per-image predictions (CSV), fused and per-scorer anomaly maps (.npy), the scoring speed."""
+    fitted = Fusion.from_dict(fusion)
+    ensemble = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fitted)
+    test = evaluation_set(manifest, exclude=defect_shot_paths(defect_shots))
     result = score_paths(
-        dfd_model,
-        test["path"].tolist(),
-        chunk_size=int(scoring["chunk_size"]),
-        max_pixels=int(data["max_pixels"]),
+        ensemble, test["path"].tolist(), chunk_size=int(scoring["chunk_size"]), max_pixels=int(data["max_pixels"])
     )
+    threshold = fusion["threshold"]["threshold"]
     predictions = pd.DataFrame(
         {
             "path": test["path"],
@@ -28,12 +93,14 @@ def score_test_images(
             "defect_type": test["defect_type"],
             "mask_path": test["mask_path"],
             "pred_score": result["pred_scores"],
-            "pred_label": dfd_model.predict_label(result["pred_scores"]),
+            "pred_label": (result["pred_scores"] >= threshold).astype(int),
+            **{f"score_{name}": values for name, values in result["scorer_scores"].items()},
         }
     )
     timing = {
         "scored_images": len(test),
         "score_seconds": result["seconds"],
         "score_images_per_second": result["images_per_second"],
+        "scorers": fitted.scorers,
     }
-    return predictions, result["anomaly_maps"], timing
+    return predictions, result["anomaly_maps"], result["scorer_maps"], timing

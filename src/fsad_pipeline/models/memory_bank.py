@@ -1,0 +1,542 @@
+"""PatchCore-style memory bank: nearest-neighbour index and kNN patch scorer (methods.md §8).
+
+* :class:`NearestNeighbourIndex` — L2 k-nearest-neighbour search over a bank of vectors with
+  faiss (flat, IVF for large banks, GPU when available) or an exact torch fallback.
+* :class:`MemoryBankScorer` — fits a (coreset-subsampled) bank on support patch features and
+  scores test patch features: patch score = distance to the nearest bank vector, image score =
+  PatchCore's re-weighted maximum (anomalib ``compute_anomaly_score``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .coreset import kcenter_greedy
+from .features import select_device
+
+try:  # faiss is optional: the torch backend is exact and always available
+    import faiss
+except ImportError:  # pragma: no cover - depends on the environment
+    faiss = None
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss", "torch")
+FORMAT_VERSION = 1
+BANK_FILE = "bank.npy"
+INDEX_FILE = "index.faiss"
+CONFIG_FILE = "memory_bank.json"
+
+
+def faiss_available() -> bool:
+    """Whether faiss could be imported."""
+    return faiss is not None
+
+
+def faiss_gpu_available() -> bool:
+    """Whether faiss was built with GPU support and a CUDA device is visible."""
+    if faiss is None or not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+    except Exception:  # pragma: no cover - defensive, depends on the build
+        return False
+
+
+def _as_float32_array(values: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.ascontiguousarray(values, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a (M, D) matrix, got shape {array.shape}")
+    return array
+
+
+class NearestNeighbourIndex:
+    """L2 k-nearest-neighbour search over a fixed bank of vectors.
+
+    Backends (``kind`` after :meth:`build`):
+
+    * ``faiss_flat`` — exact ``IndexFlatL2`` (default when faiss imports);
+    * ``faiss_ivf`` — ``IndexIVFFlat`` with ``nlist ≈ 4·√N`` when the bank has more than
+      ``ivf_threshold`` vectors (approximate; exact when ``nprobe == nlist``);
+    * ``faiss_gpu_flat`` / ``faiss_gpu_ivf`` — the same on a GPU when faiss has GPU support and
+      CUDA is available (``use_gpu``);
+    * ``torch`` — exact search (squared-distance matmul, as ``torch.cdist``, then ``topk``) in
+      query chunks; used when faiss is missing or ``backend="torch"``.
+
+    With ``exact_distances`` (default) the distances of the returned neighbours are recomputed
+    directly as ``‖q − b‖`` in float32 and the k neighbours re-sorted, so all backends return
+    the same numbers and a query equal to a bank vector has distance exactly 0 (the matmul
+    expansion ``‖q‖² − 2q·b + ‖b‖²`` used for the search itself loses that precision).
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        ivf_threshold: int = 200_000,
+        nprobe: int = 16,
+        nlist: int | None = None,
+        use_gpu: bool = True,
+        device: str | torch.device = "cpu",
+        query_batch_size: int = 16_384,
+        max_chunk_elements: int = 1 << 25,
+        exact_distances: bool = True,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        """
+        Args:
+            backend: ``"auto"`` (faiss when it imports, else torch), ``"faiss"`` or ``"torch"``.
+            ivf_threshold: banks with more vectors than this use ``IndexIVFFlat`` (faiss only).
+            nprobe: IVF cells visited per query (capped at ``nlist``).
+            nlist: IVF cell count; None = ``round(4·√N)``.
+            use_gpu: move faiss indexes to the GPU when faiss-GPU and CUDA are available.
+            device: device of the torch backend (``"auto"`` = CUDA when available).
+            query_batch_size: queries per faiss call (one progress-bar step each).
+            max_chunk_elements: torch backend: query chunk × bank size limit of one distance block.
+            exact_distances: recompute the returned distances directly (see class docstring).
+            seed: seed of the IVF k-means.
+            progress: show a tqdm bar over query batches.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "faiss" and faiss is None:
+            raise ImportError("backend='faiss' requested but faiss is not installed")
+        self.backend = backend
+        self.ivf_threshold = int(ivf_threshold)
+        self.nprobe = int(nprobe)
+        self.nlist = nlist
+        self.use_gpu = bool(use_gpu)
+        self.device = select_device(device)
+        self.query_batch_size = int(query_batch_size)
+        self.max_chunk_elements = int(max_chunk_elements)
+        self.exact_distances = bool(exact_distances)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.kind: str | None = None
+        self.bank: np.ndarray | None = None
+        self._bank_tensor: Tensor | None = None
+        self._bank_sq_norms: Tensor | None = None
+        self._index: Any = None
+        self._gpu_resources: Any = None
+
+    # ----------------------------------------------------------------------------------------
+    # Building
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of bank vectors (0 before :meth:`build`)."""
+        return 0 if self.bank is None else int(self.bank.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension (0 before :meth:`build`)."""
+        return 0 if self.bank is None else int(self.bank.shape[1])
+
+    def _uses_faiss(self) -> bool:
+        return self.backend == "faiss" or (self.backend == "auto" and faiss is not None)
+
+    def build(self, bank: np.ndarray | Tensor) -> NearestNeighbourIndex:
+        """Index ``bank`` (N, D) and return ``self``."""
+        self.bank = _as_float32_array(bank)
+        if self.size == 0:
+            raise ValueError("cannot index an empty bank")
+        self._bank_tensor = None
+        if self._uses_faiss():
+            self._build_faiss()
+        else:
+            self.kind = "torch"
+            self._index = None
+        logger.info("nearest-neighbour index: %s over %d × %d", self.kind, self.size, self.dim)
+        return self
+
+    def _build_faiss(self) -> None:
+        assert self.bank is not None
+        size, dim = self.bank.shape
+        if size > self.ivf_threshold:
+            nlist = int(self.nlist) if self.nlist else int(round(4.0 * math.sqrt(size)))
+            nlist = max(1, min(nlist, size))
+            quantizer = faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+            index.cp.seed = self.seed
+            index.train(self.bank)
+            index.add(self.bank)
+            index.nprobe = max(1, min(self.nprobe, nlist))
+            self._quantizer = quantizer  # keep the quantizer alive with the index
+            kind = "faiss_ivf"
+        else:
+            index = faiss.IndexFlatL2(dim)
+            index.add(self.bank)
+            kind = "faiss_flat"
+        self._set_faiss_index(index, kind)
+
+    def _set_faiss_index(self, index: Any, kind: str) -> None:
+        """Use a CPU faiss index, moved to the GPU when possible."""
+        if self.use_gpu and faiss_gpu_available():
+            self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+            kind = kind.replace("faiss_", "faiss_gpu_")
+        self._index = index
+        self.kind = kind
+
+    # ----------------------------------------------------------------------------------------
+    # Searching
+    # ----------------------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray | Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest bank vectors of each query.
+
+        Args:
+            queries: (M, D) float32 array or tensor.
+            k: neighbours per query (capped at the bank size).
+
+        Returns:
+            ``distances`` (M, k) float32 L2 distances (not squared), ascending, and
+            ``indices`` (M, k) long bank rows; both CPU tensors. IVF searches that find fewer
+            than k vectors pad with index −1 and distance inf.
+        """
+        if self.bank is None:
+            raise RuntimeError("search() before build()")
+        query_array = _as_float32_array(queries)
+        if query_array.shape[1] != self.dim:
+            raise ValueError(f"query dim {query_array.shape[1]} != bank dim {self.dim}")
+        k = max(1, min(int(k), self.size))
+        if self.kind == "torch":
+            distances, indices = self._search_torch(query_array, k)
+        else:
+            distances, indices = self._search_faiss(query_array, k)
+        if self.exact_distances:
+            distances, indices = self._refine(query_array, indices)
+        return distances, indices
+
+    def _search_faiss(self, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
+        count = queries.shape[0]
+        distances = np.empty((count, k), dtype=np.float32)
+        indices = np.empty((count, k), dtype=np.int64)
+        starts = range(0, count, self.query_batch_size)
+        for start in tqdm(starts, desc=f"kNN ({self.kind})", disable=not self.progress, leave=False):
+            stop = min(start + self.query_batch_size, count)
+            squared, found = self._index.search(queries[start:stop], k)
+            distances[start:stop] = squared
+            indices[start:stop] = found
+        distances_t = torch.from_numpy(np.sqrt(np.maximum(distances, 0.0)))
+        distances_t[torch.from_numpy(indices) < 0] = float("inf")
+        return distances_t, torch.from_numpy(indices)
+
+    def _bank_on_device(self) -> tuple[Tensor, Tensor]:
+        if self._bank_tensor is None:
+            assert self.bank is not None
+            self._bank_tensor = torch.from_numpy(self.bank).to(self.device)
+            self._bank_sq_norms = self._bank_tensor.pow(2).sum(dim=1)
+        assert self._bank_sq_norms is not None
+        return self._bank_tensor, self._bank_sq_norms
+
+    def _search_torch(self, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
+        bank, bank_sq = self._bank_on_device()
+        chunk = max(1, self.max_chunk_elements // self.size)
+        distance_chunks, index_chunks = [], []
+        starts = range(0, queries.shape[0], chunk)
+        for start in tqdm(starts, desc="kNN (torch)", disable=not self.progress, leave=False):
+            block = torch.from_numpy(queries[start : start + chunk]).to(self.device)
+            squared = torch.addmm(bank_sq.unsqueeze(0), block, bank.T, alpha=-2.0)
+            squared.add_(block.pow(2).sum(dim=1, keepdim=True)).clamp_(min=0.0)
+            values, found = torch.topk(squared, k, dim=1, largest=False, sorted=True)
+            distance_chunks.append(values.sqrt_().cpu())
+            index_chunks.append(found.cpu())
+        if not distance_chunks:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        return torch.cat(distance_chunks), torch.cat(index_chunks)
+
+    def _refine(self, queries: np.ndarray, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Recompute ``‖q − b‖`` for the found neighbours directly and re-sort each row."""
+        assert self.bank is not None
+        bank = torch.from_numpy(self.bank)
+        query_tensor = torch.from_numpy(queries)
+        k = indices.shape[1]
+        rows = max(1, self.max_chunk_elements // max(1, k * self.dim))
+        distance_chunks, index_chunks = [], []
+        for start in range(0, queries.shape[0], rows):
+            found = indices[start : start + rows]
+            valid = found >= 0
+            neighbours = bank[found.clamp(min=0)]  # (m, k, D)
+            difference = query_tensor[start : start + rows].unsqueeze(1) - neighbours
+            distances = difference.pow(2).sum(dim=2).sqrt()
+            distances = torch.where(valid, distances, torch.full_like(distances, float("inf")))
+            order = torch.argsort(distances, dim=1, stable=True)
+            distance_chunks.append(torch.gather(distances, 1, order))
+            index_chunks.append(torch.gather(found, 1, order))
+        if not distance_chunks:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        return torch.cat(distance_chunks), torch.cat(index_chunks)
+
+    # ----------------------------------------------------------------------------------------
+    # Persistence
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """faiss kinds: ``faiss.write_index`` (a GPU index is copied to the CPU first).
+
+        torch kind: the bank as ``.npy`` (``allow_pickle=False`` on load).
+        """
+        if self.bank is None:
+            raise RuntimeError("save() before build()")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.kind == "torch":
+            np.save(path, self.bank, allow_pickle=False)
+            return
+        index = self._index
+        if self.kind is not None and self.kind.startswith("faiss_gpu_"):
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(path))
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, bank: np.ndarray | None = None, **kwargs: Any
+    ) -> NearestNeighbourIndex:
+        """Load what :meth:`save` wrote; ``kwargs`` go to the constructor.
+
+        A ``.npy`` file gives the torch backend. A faiss file is read with ``faiss.read_index``;
+        its vectors are reconstructed from the index unless ``bank`` is given.
+        """
+        path = Path(path)
+        if path.suffix == ".npy":
+            kwargs.setdefault("backend", "torch")
+            return cls(**kwargs).build(np.load(path, allow_pickle=False))
+        if faiss is None:
+            if bank is None:
+                raise ImportError(f"faiss is needed to read {path} (or pass the bank)")
+            logger.warning("faiss missing: rebuilding %s as an exact torch index", path)
+            kwargs["backend"] = "torch"
+            return cls(**kwargs).build(bank)
+        kwargs.setdefault("backend", "faiss")
+        instance = cls(**kwargs)
+        index = faiss.read_index(str(path))
+        is_ivf = isinstance(index, faiss.IndexIVF)
+        if is_ivf:
+            index.nprobe = max(1, min(instance.nprobe, index.nlist))
+        if bank is None:
+            if is_ivf:
+                index.make_direct_map()
+            bank = index.reconstruct_n(0, index.ntotal)
+        instance.bank = _as_float32_array(bank)
+        instance._set_faiss_index(index, "faiss_ivf" if is_ivf else "faiss_flat")
+        return instance
+
+
+class MemoryBankScorer:
+    """PatchCore-style kNN scorer over patch features ``(N, D, h, w)``.
+
+    ``fit`` pools all patches of all (augmented) support images, keeps a greedy k-center coreset
+    and indexes it. Patch score = L2 distance to the nearest bank vector. Image score follows
+    anomalib's ``compute_anomaly_score``: for each image take the patch with the largest score
+    ``s*`` (test feature ``m_test*``, nearest bank vector ``m*``), find the ``num_neighbors``
+    nearest bank vectors of ``m*`` (``m*`` itself first), compute the distances ``d_j`` from
+    ``m_test*`` to them and return ``(1 − softmax(d)[0]) · s*``; ``num_neighbors = 1`` gives ``s*``.
+    """
+
+    name = "knn"
+
+    def __init__(
+        self,
+        *,
+        coreset_ratio: float | None = 0.1,
+        num_neighbors: int = 9,
+        backend: str = "auto",
+        ivf_threshold: int = 200_000,
+        nprobe: int = 16,
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        progress: bool = True,
+        device: str = "cpu",
+    ) -> None:
+        """
+        Args:
+            coreset_ratio: fraction of the pooled support patches kept by k-center greedy
+                (anomalib 0.1, nehaejaz thesis 0.01); None or >= 1 keeps every patch.
+            num_neighbors: bank neighbours of ``m*`` in the image-score re-weighting (anomalib 9).
+            backend: kNN backend, ``"auto"``, ``"faiss"`` or ``"torch"``.
+            ivf_threshold: banks larger than this use a faiss IVF index.
+            nprobe: IVF cells visited per query.
+            projection_dim: random-projection dimension of the coreset distances (None = off).
+            seed: coreset (projection, start point) and IVF k-means seed.
+            progress: tqdm bars for the coreset loop and the kNN search.
+            device: device of the coreset selection and of the torch kNN backend.
+        """
+        if num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
+        self.coreset_ratio = None if coreset_ratio is None else float(coreset_ratio)
+        self.num_neighbors = int(num_neighbors)
+        self.backend = backend
+        self.ivf_threshold = int(ivf_threshold)
+        self.nprobe = int(nprobe)
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.device = device
+        self.index: NearestNeighbourIndex | None = None
+        self.feature_dim: int | None = None
+        self.grid_size: tuple[int, int] | None = None
+        self.num_support_patches: int | None = None
+
+    # ----------------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-friendly dict."""
+        return {
+            "coreset_ratio": self.coreset_ratio,
+            "num_neighbors": self.num_neighbors,
+            "backend": self.backend,
+            "ivf_threshold": self.ivf_threshold,
+            "nprobe": self.nprobe,
+            "projection_dim": self.projection_dim,
+            "seed": self.seed,
+            "progress": self.progress,
+            "device": str(self.device),
+        }
+
+    def _new_index(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "ivf_threshold": self.ivf_threshold,
+            "nprobe": self.nprobe,
+            "device": self.device,
+            "seed": self.seed,
+            "progress": self.progress,
+        }
+
+    @property
+    def bank(self) -> np.ndarray:
+        """The memory bank (M, D) float32."""
+        if self.index is None or self.index.bank is None:
+            raise RuntimeError("the scorer is not fitted")
+        return self.index.bank
+
+    @staticmethod
+    def _flatten(features: Tensor) -> Tensor:
+        if features.dim() != 4:
+            raise ValueError(f"expected (N, D, h, w) features, got shape {tuple(features.shape)}")
+        return features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).cpu()
+
+    def fit(self, features: Tensor) -> MemoryBankScorer:
+        """Build the bank from support patch features (N, D, h, w) and return ``self``."""
+        patches = self._flatten(features)
+        self.feature_dim = int(features.shape[1])
+        self.grid_size = (int(features.shape[2]), int(features.shape[3]))
+        self.num_support_patches = int(patches.shape[0])
+        if self.coreset_ratio is not None and self.coreset_ratio < 1.0:
+            selected = kcenter_greedy(
+                patches,
+                self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                seed=self.seed,
+                progress=self.progress,
+                device=select_device(self.device),
+            )
+            patches = patches[selected]
+        self.index = NearestNeighbourIndex(**self._new_index()).build(patches)
+        logger.info(
+            "memory bank: %d of %d support patches (%s)",
+            self.index.size,
+            self.num_support_patches,
+            self.index.kind,
+        )
+        return self
+
+    def _require_fitted(self, features: Tensor) -> NearestNeighbourIndex:
+        if self.index is None:
+            raise RuntimeError("the scorer is not fitted")
+        if features.dim() != 4 or features.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"expected (N, {self.feature_dim}, h, w) features, got {tuple(features.shape)}"
+            )
+        return self.index
+
+    def patch_scores(self, features: Tensor) -> Tensor:
+        """L2 distance of every patch to its nearest bank vector, (N, h, w) float32 CPU."""
+        index = self._require_fitted(features)
+        count, _, height, width = features.shape
+        distances, _ = index.search(self._flatten(features), k=1)
+        return distances[:, 0].reshape(count, height, width)
+
+    def image_scores(self, features: Tensor, patch_scores: Tensor | None = None) -> Tensor:
+        """PatchCore re-weighted image scores (N,) (see the class docstring)."""
+        index = self._require_fitted(features)
+        if patch_scores is None:
+            patch_scores = self.patch_scores(features)
+        count = features.shape[0]
+        flat_scores = patch_scores.reshape(count, -1).float().cpu()
+        max_scores, max_positions = flat_scores.max(dim=1)
+        if self.num_neighbors == 1:
+            return max_scores
+        patches = features.detach().float().flatten(2).cpu()  # (N, D, h·w)
+        max_features = patches[torch.arange(count), :, max_positions]  # m_test*, (N, D)
+        _, nearest = index.search(max_features, k=1)  # m* = bank[nearest]
+        bank = torch.from_numpy(index.bank)
+        _, support = index.search(bank[nearest[:, 0]], k=self.num_neighbors)  # (N, K)
+        distances = (max_features.unsqueeze(1) - bank[support]).pow(2).sum(dim=2).sqrt()
+        weights = 1.0 - F.softmax(distances, dim=1)[:, 0]
+        return weights * max_scores
+
+    def score_features(self, features: Tensor) -> dict[str, Tensor]:
+        """``patch_scores`` (N, h, w) and ``image_scores`` (N,) in one pass."""
+        patch_scores = self.patch_scores(features)
+        return {"patch_scores": patch_scores, "image_scores": self.image_scores(features, patch_scores)}
+
+    # ----------------------------------------------------------------------------------------
+    # Persistence
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``bank.npy``, ``index.faiss`` (faiss backends) and ``memory_bank.json``."""
+        if self.index is None or self.index.bank is None:
+            raise RuntimeError("save() before fit()")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / BANK_FILE, self.index.bank, allow_pickle=False)
+        if self.index.kind != "torch":
+            self.index.save(directory / INDEX_FILE)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "config": self.config(),
+            "feature_dim": self.feature_dim,
+            "grid_size": list(self.grid_size) if self.grid_size else None,
+            "bank_size": self.index.size,
+            "num_support_patches": self.num_support_patches,
+            "index_kind": self.index.kind,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(metadata, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> MemoryBankScorer:
+        """Restore a scorer written by :meth:`save`; ``overrides`` replace saved constructor args."""
+        directory = Path(directory)
+        metadata = json.loads((directory / CONFIG_FILE).read_text())
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported memory bank format {metadata.get('format_version')}")
+        scorer = cls(**{**metadata["config"], **overrides})
+        scorer.feature_dim = metadata["feature_dim"]
+        scorer.grid_size = tuple(metadata["grid_size"]) if metadata["grid_size"] else None
+        scorer.num_support_patches = metadata["num_support_patches"]
+        bank = np.load(directory / BANK_FILE, allow_pickle=False)
+        index_path = directory / INDEX_FILE
+        wants_faiss = scorer.backend != "torch" and faiss is not None
+        if index_path.exists() and wants_faiss:
+            scorer.index = NearestNeighbourIndex.load(index_path, bank=bank, **scorer._new_index())
+        else:
+            scorer.index = NearestNeighbourIndex(**scorer._new_index()).build(bank)
+        return scorer

@@ -1,0 +1,32 @@
+from kedro.pipeline import Pipeline, node
+
+from .nodes import augment_support_images, fit_memory_banks
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                augment_support_images,
+                inputs=["support_images", "params:support_augmentation"],
+                outputs="augmented_support",
+                name="augment_support_images",
+            ),
+            node(
+                fit_memory_banks,
+                inputs=[
+                    "augmented_support",
+                    "defect_shots",
+                    "manifest",
+                    "params:backbone",
+                    "params:image_size",
+                    "params:memory_bank",
+                    "params:seed",
+                    "params:device",
+                ],
+                outputs="patch_scorers",
+                name="fit_memory_banks",
+            ),
+        ],
+        tags="memory_bank",
+    )

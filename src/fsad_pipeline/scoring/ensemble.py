@@ -1,0 +1,146 @@
+"""Every available scorer behind one call, with backbone features computed once per batch.
+
+Patch-feature scorers (memory-bank kNN, per-position Gaussian, anomalous bank) share one
+extractor: the images go through the backbone once and each scorer reads the same features.
+DFD (its own dual-path features) and WinCLIP (its own CLIP model) score images directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fsad_pipeline.models.anomaly_map import patch_scores_to_map
+from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
+from fsad_pipeline.scoring.base import ScoreBatch, Scorer
+from fsad_pipeline.scoring.fusion import Fusion
+
+
+class PatchScorer(Protocol):
+    name: str
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    def image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class ScorerEnsemble:
+    """``image_scorers`` score images; ``patch_scorers`` score the shared ``extractor``'s features."""
+
+    image_size: tuple[int, int]
+    image_scorers: dict[str, Scorer] = field(default_factory=dict)
+    patch_scorers: dict[str, PatchScorer] = field(default_factory=dict)
+    extractor: PatchFeatureExtractor | None = None
+    feature_batch_size: int = 16
+    map_sigma: float = 4.0
+    fusion: Fusion | None = None
+    device: str = "cpu"
+    name: str = "fused"
+
+    @property
+    def scorer_names(self) -> list[str]:
+        return [*self.image_scorers, *self.patch_scorers]
+
+    def score_each(self, images: np.ndarray) -> dict[str, ScoreBatch]:
+        """Every scorer's own (un-normalised) output for a batch of uint8 RGB images."""
+        outputs: dict[str, ScoreBatch] = {name: s.score(images) for name, s in self.image_scorers.items()}
+        if self.patch_scorers:
+            if self.extractor is None:
+                raise ValueError("patch scorers need a feature extractor")
+            features = extract_features(
+                self.extractor,
+                images,
+                image_size=self.image_size,
+                batch_size=self.feature_batch_size,
+                device=self.device,
+                dual_path=False,
+                progress=False,
+            )
+            for name, scorer in self.patch_scorers.items():
+                with torch.inference_mode():
+                    patch = scorer.patch_scores(features)
+                    image = scorer.image_scores(features, patch)
+                    maps = patch_scores_to_map(patch.float(), self.image_size, self.map_sigma)
+                outputs[name] = {
+                    "anomaly_map": maps.cpu().numpy().astype(np.float32),
+                    "pred_score": image.cpu().numpy().astype(np.float32),
+                }
+        return outputs
+
+    def score(self, images: np.ndarray) -> ScoreBatch:
+        """Fused output (needs ``fusion``); the per-scorer outputs ride along under their names."""
+        outputs = self.score_each(images)
+        if self.fusion is None:
+            raise ValueError("the ensemble has no fusion yet: call fit_fusion on validation outputs")
+        fused = self.fusion.fuse(outputs)
+        return {**fused, "per_scorer": outputs}  # type: ignore[typeddict-unknown-key]
+
+
+def stack_outputs(chunks: list[Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """Concatenate per-chunk ``score_each`` results along the image axis."""
+    names = list(chunks[0]) if chunks else []
+    return {
+        name: {
+            "anomaly_map": np.concatenate([c[name]["anomaly_map"] for c in chunks]),
+            "pred_score": np.concatenate([c[name]["pred_score"] for c in chunks]),
+        }
+        for name in names
+    }
+
+
+def build_winclip(support_images: np.ndarray, winclip: Mapping[str, Any], *, device: str = "cpu") -> Scorer | None:
+    """The WinCLIP scorer with the supports as few-shot references, or None without a checkpoint."""
+    import logging
+
+    from fsad_pipeline.models.winclip import ClipWeightsUnavailable, WinClipScorer, load_clip_model
+
+    if not winclip.get("enabled", True):
+        return None
+    try:
+        model, tokenizer, *_ = load_clip_model(winclip["model_name"], winclip.get("checkpoint_path"), device=device)
+    except ClipWeightsUnavailable as error:
+        logging.getLogger(__name__).info("WinCLIP scorer skipped: %s", error)
+        return None
+    scorer = WinClipScorer(model, tokenizer, class_name=winclip.get("class_name") or "object", device=device)
+    if winclip.get("few_shot", True):
+        scorer.fit(support_images)
+    return scorer
+
+
+def assemble(
+    dfd_model: Scorer | None,
+    patch_scorer_set: Any | None,
+    *,
+    image_size: int,
+    winclip_scorer: Scorer | None = None,
+    map_sigma: float = 4.0,
+    device: str = "cpu",
+    fusion: Fusion | None = None,
+) -> ScorerEnsemble:
+    image_scorers: dict[str, Scorer] = {}
+    if dfd_model is not None:
+        image_scorers["dfd"] = dfd_model
+    if winclip_scorer is not None:
+        image_scorers["winclip"] = winclip_scorer
+    patch = dict(patch_scorer_set.scorers) if patch_scorer_set is not None else {}
+    return ScorerEnsemble(
+        image_size=(int(image_size), int(image_size)),
+        image_scorers=image_scorers,
+        patch_scorers=patch,
+        extractor=patch_scorer_set.build_extractor() if patch else None,
+        feature_batch_size=patch_scorer_set.features.batch_size if patch else 16,
+        map_sigma=map_sigma,
+        fusion=fusion,
+        device=device,
+    )
+
+
+def score_in_chunks(ensemble: ScorerEnsemble, images: np.ndarray, *, chunk_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """``score_each`` over an in-memory image array, chunked."""
+    chunks = [ensemble.score_each(images[i : i + chunk_size]) for i in range(0, len(images), chunk_size)]
+    return stack_outputs(chunks)

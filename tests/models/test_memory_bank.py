@@ -1,0 +1,160 @@
+"""Tests for the kNN index and the PatchCore-style memory-bank scorer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fsad_pipeline.models.memory_bank import (
+    MemoryBankScorer,
+    NearestNeighbourIndex,
+    faiss_available,
+)
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
+
+HAND_BANK = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]], dtype=np.float32)
+
+
+def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _as_features(patches: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(N·h·w, D) patches → (N, D, h, w) features (row-major over the grid)."""
+    dim = patches.shape[1]
+    return torch.from_numpy(patches).reshape(-1, height, width, dim).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_known_nearest_neighbours(backend: str) -> None:
+    index = NearestNeighbourIndex(backend=backend).build(HAND_BANK)
+    queries = np.array([[0.1, 0.0], [1.0, 0.5], [3.0, 4.0]], dtype=np.float32)
+    distances, indices = index.search(queries, k=2)
+    assert indices[:, 0].tolist() == [0, 1, 3]
+    assert indices[:, 1].tolist() == [1, 0, 2]
+    expected = [[0.1, 0.9], [0.5, math.sqrt(1.25)], [1.0, math.sqrt(9 + 4)]]
+    torch.testing.assert_close(distances, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert index.kind == ("torch" if backend == "torch" else "faiss_flat")
+
+
+@needs_faiss
+def test_faiss_and_torch_agree() -> None:
+    bank, queries = _random((300, 16), 0), _random((50, 16), 1)
+    for exact in (True, False):
+        faiss_result = NearestNeighbourIndex(backend="faiss", exact_distances=exact).build(bank)
+        torch_result = NearestNeighbourIndex(
+            backend="torch", exact_distances=exact, max_chunk_elements=3000
+        ).build(bank)  # tiny chunks: several query blocks
+        d_faiss, i_faiss = faiss_result.search(queries, k=5)
+        d_torch, i_torch = torch_result.search(queries, k=5)
+        torch.testing.assert_close(d_faiss, d_torch, atol=1e-4, rtol=0)
+        assert torch.equal(i_faiss, i_torch)
+
+
+@needs_faiss
+def test_ivf_above_threshold_is_exact_with_full_probe() -> None:
+    bank, queries = _random((400, 8), 2), _random((40, 8), 3)
+    ivf = NearestNeighbourIndex(backend="auto", ivf_threshold=100, nlist=8, nprobe=8).build(bank)
+    assert ivf.kind == "faiss_ivf"
+    reference = NearestNeighbourIndex(backend="torch").build(bank)
+    d_ivf, i_ivf = ivf.search(queries, k=3)
+    d_ref, i_ref = reference.search(queries, k=3)
+    assert torch.equal(i_ivf, i_ref)
+    torch.testing.assert_close(d_ivf, d_ref, atol=1e-5, rtol=0)
+    default = NearestNeighbourIndex(ivf_threshold=100).build(bank)
+    assert default.kind == "faiss_ivf" and default._index.nlist == round(4 * math.sqrt(400))
+    assert NearestNeighbourIndex(ivf_threshold=1000).build(bank).kind == "faiss_flat"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_save_load(tmp_path, backend: str) -> None:
+    bank, queries = _random((60, 6), 4), _random((10, 6), 5)
+    index = NearestNeighbourIndex(backend=backend).build(bank)
+    path = tmp_path / ("bank.npy" if backend == "torch" else "index.faiss")
+    index.save(path)
+    loaded = NearestNeighbourIndex.load(path)
+    np.testing.assert_array_equal(loaded.bank, bank)
+    for left, right in zip(index.search(queries, 4), loaded.search(queries, 4), strict=True):
+        assert torch.equal(left, right)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_features_equal_to_bank_entries_score_zero(backend: str) -> None:
+    support = torch.from_numpy(_random((3, 8, 4, 4), 6))
+    scorer = MemoryBankScorer(coreset_ratio=None, backend=backend, progress=False).fit(support)
+    assert scorer.bank.shape == (3 * 16, 8)
+    scores = scorer.patch_scores(support)
+    assert scores.shape == (3, 4, 4)
+    assert torch.equal(scores, torch.zeros_like(scores))
+    shifted = scorer.patch_scores(support + 10.0)
+    assert (shifted > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reweighting_matches_hand_computation(backend: str) -> None:
+    support = _as_features(HAND_BANK, 2, 2)  # one support image, 2×2 grid = the 4 bank vectors
+    scorer = MemoryBankScorer(coreset_ratio=None, num_neighbors=3, backend=backend, progress=False)
+    scorer.fit(support)
+    test = _as_features(np.array([[0.1, 0.0], [1.0, 0.5]], dtype=np.float32), 1, 2)
+    patch_scores = scorer.patch_scores(test)
+    torch.testing.assert_close(patch_scores, torch.tensor([[[0.1, 0.5]]]), atol=1e-6, rtol=0)
+    # s* = 0.5 at m_test* = (1, 0.5); m* = (1, 0); its 3 nearest bank vectors: (1,0), (0,0), (0,2).
+    distances = [0.5, math.sqrt(1.25), math.sqrt(3.25)]
+    weight = 1.0 - math.exp(distances[0]) / sum(math.exp(value) for value in distances)
+    expected = torch.tensor([weight * 0.5])
+    torch.testing.assert_close(scorer.image_scores(test), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(scorer.image_scores(test, patch_scores), expected, atol=1e-6, rtol=0)
+    scorer.num_neighbors = 1
+    torch.testing.assert_close(scorer.image_scores(test), torch.tensor([0.5]), atol=1e-6, rtol=0)
+
+
+def test_coreset_ratio_sets_bank_size() -> None:
+    support = torch.from_numpy(_random((2, 8, 5, 5), 7))
+    scorer = MemoryBankScorer(coreset_ratio=0.2, backend="torch", progress=False).fit(support)
+    assert scorer.bank.shape == (10, 8)
+    assert scorer.grid_size == (5, 5) and scorer.num_support_patches == 50
+    result = scorer.score_features(torch.from_numpy(_random((3, 8, 5, 5), 8)))
+    assert result["patch_scores"].shape == (3, 5, 5) and result["image_scores"].shape == (3,)
+    with pytest.raises(ValueError):
+        scorer.patch_scores(torch.zeros(1, 7, 5, 5))
+
+
+@pytest.mark.parametrize(
+    ("backend", "ivf_threshold"),
+    [
+        ("torch", 200_000),
+        pytest.param("auto", 200_000, marks=needs_faiss),
+        pytest.param("auto", 20, marks=needs_faiss),
+    ],
+)
+def test_scorer_save_load_round_trip(tmp_path, backend: str, ivf_threshold: int) -> None:
+    support = torch.from_numpy(_random((2, 8, 6, 6), 9))
+    test = torch.from_numpy(_random((3, 8, 6, 6), 10))
+    scorer = MemoryBankScorer(
+        coreset_ratio=0.5, backend=backend, ivf_threshold=ivf_threshold, nprobe=4, progress=False
+    ).fit(support)
+    scorer.save(tmp_path)
+    metadata = json.loads((tmp_path / "memory_bank.json").read_text())
+    assert metadata["format_version"] == 1 and metadata["grid_size"] == [6, 6]
+    assert metadata["index_kind"] == scorer.index.kind
+    assert (tmp_path / "index.faiss").exists() == (scorer.index.kind != "torch")
+    loaded = MemoryBankScorer.load(tmp_path)
+    assert loaded.index.kind == scorer.index.kind and loaded.config() == scorer.config()
+    before, after = scorer.score_features(test), loaded.score_features(test)
+    assert torch.equal(before["patch_scores"], after["patch_scores"])
+    assert torch.equal(before["image_scores"], after["image_scores"])
+
+
+def test_progress_switch(capsys) -> None:
+    support = torch.from_numpy(_random((2, 8, 4, 4), 11))
+    MemoryBankScorer(coreset_ratio=0.5, backend="torch", progress=False).fit(support).patch_scores(support)
+    assert "k-center" not in capsys.readouterr().err
+    MemoryBankScorer(coreset_ratio=0.5, backend="torch", progress=True).fit(support).patch_scores(support)
+    err = capsys.readouterr().err
+    assert "k-center" in err and "kNN" in err

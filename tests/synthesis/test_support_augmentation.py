@@ -1,0 +1,147 @@
+"""Tests for the deterministic support-set augmentation (methods.md §7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fsad_pipeline.synthesis.support_augmentation import (
+    SupportAugmentationConfig,
+    adjust_brightness,
+    adjust_contrast,
+    augment_support,
+    augmentation_names,
+    horizontal_flip,
+    rotate,
+    rotate90,
+    to_grayscale,
+    translate,
+)
+
+ALL_OFF = dict(
+    rotations=False,
+    rot90=False,
+    translations=False,
+    hflip=False,
+    grayscale=False,
+    brightness=(),
+    contrast=(),
+    include_original=False,
+)
+
+
+def _images(count: int = 2, height: int = 16, width: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def test_default_gives_26_views_per_image() -> None:
+    config = SupportAugmentationConfig()
+    names = augmentation_names(config)
+    assert len(names) == 26 and len(set(names)) == 26 and names[0] == "original"
+    out = augment_support(_images(2), config)
+    assert out.shape == (52, 16, 16, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("switch", "value", "count"),
+    [
+        ("include_original", True, 1),
+        ("rotations", True, 8),
+        ("rot90", True, 3),
+        ("translations", True, 8),
+        ("hflip", True, 1),
+        ("grayscale", True, 1),
+        ("brightness", (0.8, 1.2), 2),
+        ("contrast", (0.5, 0.8, 1.2), 3),
+    ],
+)
+def test_counts_per_switch(switch: str, value: object, count: int) -> None:
+    config = SupportAugmentationConfig(**{**ALL_OFF, switch: value})
+    assert len(augmentation_names(config)) == count
+    assert augment_support(_images(3), config).shape[0] == 3 * count
+
+
+def test_regad_set_is_22() -> None:
+    config = SupportAugmentationConfig(brightness=(), contrast=())
+    assert len(augmentation_names(config)) == 22
+
+
+def test_only_original_is_identity_and_order_is_image_major() -> None:
+    images = _images(3)
+    out = augment_support(images, SupportAugmentationConfig(**{**ALL_OFF, "include_original": True}))
+    np.testing.assert_array_equal(out, images)
+    out_all = augment_support(images, SupportAugmentationConfig())
+    np.testing.assert_array_equal(out_all[::26], images)
+
+
+def test_all_off_raises() -> None:
+    with pytest.raises(ValueError):
+        augment_support(_images(1), SupportAugmentationConfig(**ALL_OFF))
+
+
+def test_uniform_image_stays_uniform_under_warps() -> None:
+    image = np.full((20, 24, 3), 137, dtype=np.uint8)
+    for angle in (11.25, -45.0, 33.75):
+        np.testing.assert_array_equal(rotate(image, angle), image)
+    np.testing.assert_array_equal(translate(image, 0.2, -0.2), image)
+    for times in (1, 2, 3):
+        np.testing.assert_array_equal(rotate90(image, times), image)
+
+
+def test_rotation_has_no_black_corners() -> None:
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    image[10:20, 10:20] = 100
+    rotated = rotate(image, 45.0)
+    assert rotated.min() >= 100
+    corners = rotated[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners >= 100).all()
+
+
+def test_translation_shifts_content() -> None:
+    image = np.zeros((20, 20, 3), dtype=np.uint8)
+    image[:, 10] = 255  # a vertical line
+    shifted = translate(image, 0.2, 0.0)  # 0.2 in affine_grid units = 2 px of 20
+    assert shifted.shape == image.shape
+    assert shifted[5, 12].max() == 255 and shifted[5, 10].max() == 0
+
+
+def test_hflip_twice_is_identity() -> None:
+    image = _images(1)[0]
+    np.testing.assert_array_equal(horizontal_flip(horizontal_flip(image)), image)
+    assert not np.array_equal(horizontal_flip(image), image)
+
+
+def test_rot90_four_times_is_identity_and_non_square_keeps_size() -> None:
+    image = _images(1)[0]
+    np.testing.assert_array_equal(rotate90(rotate90(image, 1), 3), image)
+    np.testing.assert_array_equal(rotate90(image, 2), image[::-1, ::-1])
+    wide = _images(1, 12, 20)[0]
+    assert rotate90(wide, 1).shape == wide.shape
+
+
+def test_grayscale_channels_equal_and_weights() -> None:
+    image = _images(1)[0]
+    gray = to_grayscale(image)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+    np.testing.assert_array_equal(gray[..., 1], gray[..., 2])
+    pixel = np.array([[[255, 0, 0]]], dtype=np.uint8)
+    assert to_grayscale(pixel)[0, 0, 0] == round(0.299 * 255)
+
+
+def test_brightness_and_contrast() -> None:
+    image = np.array([[[100, 50, 200]]], dtype=np.uint8)
+    np.testing.assert_array_equal(adjust_brightness(image, 1.2), [[[120, 60, 240]]])
+    np.testing.assert_array_equal(adjust_brightness(image, 2.0), [[[200, 100, 255]]])
+    flat = np.full((4, 4, 3), 90, dtype=np.uint8)
+    np.testing.assert_array_equal(adjust_contrast(flat, 0.5), flat)  # mean grey is a fixed point
+    varied = _images(1)[0]
+    assert adjust_contrast(varied, 0.5).astype(float).std() < varied.astype(float).std()
+
+
+def test_from_dict() -> None:
+    config = SupportAugmentationConfig.from_dict({"rotations": False, "brightness": [], "contrast": [0.9]})
+    assert config.brightness == () and config.contrast == (0.9,)
+    assert len(augmentation_names(config)) == 26 - 8 - 2 - 1
+    assert SupportAugmentationConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError):
+        SupportAugmentationConfig.from_dict({"rotation": True})
