@@ -83,6 +83,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         for t in types:
             row[f"image_auroc_{t}"] = _mean_std([r["image_auroc_per_defect_type"].get(t) for r in group])
         row["pixel_auroc"] = _mean_std([r.get("pixel_auroc") for r in group])
+        for name in sorted({n for r in group for n in r.get("scorers", {})}):
+            row[f"image_auroc_{name}"] = _mean_std([r["scorers"].get(name, {}).get("image_auroc") for r in group])
         row["train_seconds"] = _mean_std([r["train_seconds"] for r in group])
         row["score_images_per_second"] = _mean_std([r["score_images_per_second"] for r in group])
         row["peak_rss_gib"] = _mean_std([r["peak_rss_gib"] for r in group])
@@ -107,6 +109,36 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def micro_benchmarks(*, bank_size: int = 100_000, dim: int = 152, queries: int = 10_000, seed: int = 0) -> dict:
+    """Coreset seconds and kNN faiss-vs-torch speed on a random ``bank_size`` x ``dim`` bank."""
+    import torch
+
+    from fsad_pipeline.models.coreset import kcenter_greedy
+    from fsad_pipeline.models.memory_bank import NearestNeighbourIndex
+
+    generator = torch.Generator().manual_seed(seed)
+    bank = torch.randn(bank_size, dim, generator=generator)
+    probe = torch.randn(queries, dim, generator=generator)
+    result: dict = {"bank_size": bank_size, "dim": dim, "queries": queries}
+    started = time.perf_counter()
+    kcenter_greedy(bank, 0.01, seed=seed, progress=False)
+    result["coreset_seconds_ratio_0.01"] = time.perf_counter() - started
+    for backend in ("faiss", "torch"):
+        try:
+            index = NearestNeighbourIndex(backend=backend)
+            index.build(bank)
+        except (ImportError, RuntimeError, ValueError) as error:  # faiss not installed
+            result[f"knn_{backend}_seconds"] = None
+            result[f"knn_{backend}_error"] = str(error)
+            continue
+        started = time.perf_counter()
+        index.search(probe, 1)
+        result[f"knn_{backend}_seconds"] = time.perf_counter() - started
+    if result.get("knn_faiss_seconds") and result.get("knn_torch_seconds"):
+        result["knn_torch_over_faiss_time"] = result["knn_torch_seconds"] / result["knn_faiss_seconds"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
@@ -115,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default=None, help="Kedro environment (e.g. paper)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "08_reporting" / "benchmark")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch project folder (default: a temp dir)")
+    parser.add_argument("--micro-only", action="store_true", help="only the coreset / kNN micro-benchmarks")
     args = parser.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    micro = micro_benchmarks()
+    (args.out / "micro.json").write_text(json.dumps(micro, indent=2))
+    print("[benchmark] micro:", json.dumps(micro), flush=True)
+    if args.micro_only:
+        return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="fsad-benchmark-"))
@@ -135,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             rows = summarise(runs)
-            payload = {"params": args.params, "env": args.env, "runs": runs, "summary": rows}
+            payload = {"params": args.params, "env": args.env, "micro": micro, "runs": runs, "summary": rows}
             (args.out / "benchmark.json").write_text(json.dumps(payload, indent=2))
             (args.out / "benchmark.md").write_text(markdown_table(rows))
     print(markdown_table(summarise(runs)))
