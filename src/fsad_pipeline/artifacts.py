@@ -118,3 +118,22 @@ def save_array(path: str | Path, array: np.ndarray) -> None:
 
 def load_array(path: str | Path) -> np.ndarray:
     return np.load(Path(path), allow_pickle=False)
+
+
+def save_nested_arrays(path: str | Path, arrays: dict[str, dict[str, np.ndarray]]) -> None:
+    """``{group: {name: array}}`` as one ``.npz`` (keys ``group/name``; numeric arrays only, no pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{group}/{name}": np.asarray(value) for group, values in arrays.items() for name, value in values.items()}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def load_nested_arrays(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    nested: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(Path(path), allow_pickle=False) as data:
+        for key in data.files:
+            group, name = key.split("/", 1)
+            nested.setdefault(group, {})[name] = data[key]
+    return nested

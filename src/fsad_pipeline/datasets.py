@@ -80,3 +80,13 @@ class PatchScorerSetDataset(_PathDataset):
 
     def _exists(self) -> bool:
         return (self._filepath / "features.json").exists()
+
+
+class NestedArraysDataset(_PathDataset):
+    """``{group: {name: array}}`` as one ``.npz`` (e.g. each scorer's validation maps and scores)."""
+
+    def load(self) -> dict:
+        return artifacts.load_nested_arrays(self._filepath)
+
+    def save(self, data: dict) -> None:
+        artifacts.save_nested_arrays(self._filepath, data)

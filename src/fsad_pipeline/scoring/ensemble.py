@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fsad_pipeline.models.anomaly_map import patch_scores_to_map
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
 from fsad_pipeline.scoring.base import ScoreBatch, Scorer
 from fsad_pipeline.scoring.fusion import Fusion
+from fsad_pipeline.scoring.patch_scorers import score_patch_features
 
 
 class PatchScorer(Protocol):
@@ -61,15 +61,7 @@ class ScorerEnsemble:
                 dual_path=False,
                 progress=False,
             )
-            for name, scorer in self.patch_scorers.items():
-                with torch.inference_mode():
-                    patch = scorer.patch_scores(features)
-                    image = scorer.image_scores(features, patch)
-                    maps = patch_scores_to_map(patch.float(), self.image_size, self.map_sigma)
-                outputs[name] = {
-                    "anomaly_map": maps.cpu().numpy().astype(np.float32),
-                    "pred_score": image.cpu().numpy().astype(np.float32),
-                }
+            outputs.update(score_patch_features(self.patch_scorers, features, self.image_size, self.map_sigma))
         return outputs
 
     def score(self, images: np.ndarray) -> ScoreBatch:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fsad_pipeline.models.anomaly_map import patch_scores_to_map
 from fsad_pipeline.models.anomalous_bank import AnomalousBankScorer, select_anomalous_patches
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
 from fsad_pipeline.models.gaussian import PositionGaussianScorer
@@ -55,23 +56,19 @@ class PatchScorerSet:
         return cls(FeatureConfig.from_dict(payload["features"]), scorers, payload.get("info", {}))
 
 
-def fit_patch_scorers(
-    augmented_support: np.ndarray,
-    features: FeatureConfig,
+def _fit_scorers(
+    support_features: torch.Tensor,
+    extractor: PatchFeatureExtractor,
+    common: dict,
     *,
     knn: dict,
     gaussian: dict,
     anomalous_bank: dict,
-    defect_images: np.ndarray | None = None,
-    defect_masks: np.ndarray | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-) -> PatchScorerSet:
-    """Fit every enabled patch scorer on the augmented support images (k·n, H, W, 3)."""
-    extractor = features.build_extractor()
-    common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, dual_path=False)
-    support_features = extract_features(extractor, augmented_support, progress=progress, desc="features (support)", **common)
+    defect_images: np.ndarray | None,
+    defect_masks: np.ndarray | None,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
     scorers: dict[str, Any] = {}
     knn_scorer = MemoryBankScorer(**knn, seed=seed, progress=progress).fit(support_features)
     scorers["knn"] = knn_scorer
@@ -90,5 +87,91 @@ def fit_patch_scorers(
         normal = support_features.permute(0, 2, 3, 1).reshape(-1, support_features.shape[1])
         scorers["anomalous_bank"] = AnomalousBankScorer(**options, seed=seed).fit(anomalous, normal)
         logger.info("anomalous bank: %d patches from %d labelled defect images", anomalous.shape[0], len(defect_images))
+    return scorers
+
+
+def score_patch_features(
+    scorers: dict[str, Any], features: torch.Tensor, image_size: int | tuple[int, int], sigma: float
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each patch scorer's anomaly maps (upsampled + smoothed) and image scores for shared features."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    outputs = {}
+    with torch.inference_mode():
+        for name, scorer in scorers.items():
+            patch = scorer.patch_scores(features)
+            maps = patch_scores_to_map(patch.float(), size, sigma)
+            outputs[name] = {
+                "anomaly_map": maps.cpu().numpy().astype(np.float32),
+                "pred_score": scorer.image_scores(features, patch).cpu().numpy().astype(np.float32),
+            }
+    return outputs
+
+
+def fit_patch_scorers(
+    augmented_support: np.ndarray,
+    features: FeatureConfig,
+    *,
+    knn: dict,
+    gaussian: dict,
+    anomalous_bank: dict,
+    n_supports: int = 1,
+    validation_images: np.ndarray | None = None,
+    validation_sources: np.ndarray | None = None,
+    map_sigma: float = 4.0,
+    defect_images: np.ndarray | None = None,
+    defect_masks: np.ndarray | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[PatchScorerSet, dict[str, dict[str, np.ndarray]]]:
+    """Fit every enabled patch scorer on the augmented supports ((k·n, H, W, 3), image-major).
+
+    Also returns each scorer's outputs on the synthetic validation images, scored
+    leave-one-support-out: a validation sample made from support ``i`` is scored by scorers fitted
+    without support ``i``'s augmentations. A memory bank that contains the very image it scores
+    reads ~0 on it, which would make validation normals look perfect and bias the fusion
+    weights and normalisation; left out, they behave like unseen normals. With one support
+    there is nothing to leave out and the full scorers are used (said in the log).
+    """
+    extractor = features.build_extractor()
+    common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, dual_path=False)
+    support_features = extract_features(extractor, augmented_support, progress=progress, desc="features (support)", **common)
+    options = dict(knn=knn, gaussian=gaussian, anomalous_bank=anomalous_bank, seed=seed, progress=progress)
+    scorers = _fit_scorers(
+        support_features, extractor, common, defect_images=defect_images, defect_masks=defect_masks, **options
+    )
     info = {"augmented_support_images": int(len(augmented_support)), "feature_dim": extractor.feature_dim}
-    return PatchScorerSet(features, scorers, info)
+    validation: dict[str, dict[str, np.ndarray]] = {}
+    if validation_images is not None and len(validation_images):
+        validation_features = extract_features(
+            extractor, validation_images, progress=progress, desc="features (validation)", **common
+        )
+        sources = np.asarray(validation_sources if validation_sources is not None else np.zeros(len(validation_images)))
+        if n_supports < 2:
+            logger.info("one support image: validation is scored by banks that contain it (optimistic)")
+            validation = score_patch_features(scorers, validation_features, features.image_size, map_sigma)
+            info["validation"] = "in-bank"
+        else:
+            views = len(augmented_support) // n_supports
+            chunks: dict[str, dict[str, np.ndarray]] = {}
+            for left_out in range(n_supports):
+                rows = np.flatnonzero(sources == left_out)
+                if rows.size == 0:
+                    continue
+                keep = torch.ones(len(augmented_support), dtype=torch.bool)
+                keep[left_out * views : (left_out + 1) * views] = False
+                fold = _fit_scorers(
+                    support_features[keep], extractor, common, defect_images=defect_images,
+                    defect_masks=defect_masks, **{**options, "progress": False},
+                )
+                fold_outputs = score_patch_features(fold, validation_features[torch.from_numpy(rows)], features.image_size, map_sigma)
+                for name, out in fold_outputs.items():
+                    target = chunks.setdefault(name, {
+                        "anomaly_map": np.zeros((len(validation_images), *out["anomaly_map"].shape[1:]), np.float32),
+                        "pred_score": np.zeros(len(validation_images), np.float32),
+                    })
+                    target["anomaly_map"][rows] = out["anomaly_map"]
+                    target["pred_score"][rows] = out["pred_score"]
+            validation = chunks
+            info["validation"] = "leave-one-support-out"
+    return PatchScorerSet(features, scorers, info), validation

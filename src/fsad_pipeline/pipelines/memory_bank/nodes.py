@@ -8,6 +8,7 @@ from fsad_pipeline.data.sampling import load_gt_masks, load_images
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.pipelines.training.nodes import feature_config
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet, fit_patch_scorers
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
 
 
@@ -17,6 +18,8 @@ def augment_support_images(support_images: np.ndarray, support_augmentation: dic
 
 def fit_memory_banks(
     augmented_support: np.ndarray,
+    support_images: np.ndarray,
+    synthetic_validation: PseudoAnomalySet,
     defect_shots: dict,
     manifest,
     backbone: str,
@@ -24,7 +27,8 @@ def fit_memory_banks(
     memory_bank: dict,
     seed: int,
     device: str,
-) -> PatchScorerSet:
+) -> tuple[PatchScorerSet, dict]:
+    """The fitted patch scorers, and their leave-one-support-out outputs on the validation split."""
     features = feature_config(memory_bank.get("backbone") or backbone, image_size, memory_bank["features"])
     defect_paths = sorted(p for paths in defect_shots["shots"].values() for p in paths)
     defect_images = defect_masks = None
@@ -40,6 +44,10 @@ def fit_memory_banks(
         knn=memory_bank["knn"],
         gaussian=memory_bank["gaussian"],
         anomalous_bank=memory_bank["anomalous_bank"],
+        n_supports=len(support_images),
+        validation_images=synthetic_validation.images,
+        validation_sources=synthetic_validation.source_index,
+        map_sigma=float(memory_bank["map_sigma"]),
         defect_images=defect_images,
         defect_masks=defect_masks,
         seed=int(seed),

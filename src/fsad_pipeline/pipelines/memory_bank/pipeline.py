@@ -16,6 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 fit_memory_banks,
                 inputs=[
                     "augmented_support",
+                    "support_images",
+                    "synthetic_validation",
                     "defect_shots",
                     "manifest",
                     "params:backbone",
@@ -24,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:seed",
                     "params:device",
                 ],
-                outputs="patch_scorers",
+                outputs=["patch_scorers", "patch_validation"],
                 name="fit_memory_banks",
             ),
         ],

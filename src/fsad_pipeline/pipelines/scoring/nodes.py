@@ -31,7 +31,7 @@ def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, dev
 
 def fit_score_fusion(
     dfd_model: DFDScorer,
-    patch_scorers: PatchScorerSet,
+    patch_validation: dict,
     support_images: np.ndarray,
     synthetic_validation: PseudoAnomalySet,
     fusion: dict,
@@ -41,9 +41,13 @@ def fit_score_fusion(
     seed: int,
     device: str,
 ) -> dict:
-    """Per-scorer normalisation, fusion weights and the decision threshold, all on validation data."""
-    ensemble = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device)
-    outputs = score_in_chunks(ensemble, synthetic_validation.images)
+    """Per-scorer normalisation, fusion weights and the decision threshold, all on validation data.
+
+    The patch scorers' validation outputs come from the memory_bank stage (leave-one-support-out);
+    the image scorers (DFD, WinCLIP) score the validation images here.
+    """
+    ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device)
+    outputs = {**score_in_chunks(ensemble, synthetic_validation.images), **patch_validation}
     labels = synthetic_validation.labels
     fitted = fit_fusion(
         outputs,

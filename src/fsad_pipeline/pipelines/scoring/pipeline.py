@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 fit_score_fusion,
                 inputs=[
                     "dfd_model",
-                    "patch_scorers",
+                    "patch_validation",
                     "support_images",
                     "synthetic_validation",
                     "params:fusion",

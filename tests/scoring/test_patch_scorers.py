@@ -1,0 +1,52 @@
+import numpy as np
+import torch
+
+from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
+from fsad_pipeline.scoring.patch_scorers import PatchScorerSet, fit_patch_scorers, score_patch_features
+
+FEATURES = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=64, batch_size=8)
+OPTIONS = dict(
+    knn={"coreset_ratio": 0.5, "num_neighbors": 3, "backend": "torch"},
+    gaussian={"enabled": True, "epsilon": 0.01},
+    anomalous_bank={"top_fraction": 0.1},
+)
+
+
+def _images(n, seed):
+    return np.random.default_rng(seed).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
+
+
+def test_leave_one_support_out_validation_and_round_trip(tmp_path):
+    support = _images(6, 0)  # 2 supports x 3 views, image-major
+    validation = _images(4, 1)
+    sources = np.array([0, 1, 0, 1])
+    fitted, outputs = fit_patch_scorers(
+        support, FEATURES, n_supports=2, validation_images=validation, validation_sources=sources,
+        progress=False, **OPTIONS,
+    )
+    assert set(fitted.scorers) == {"knn", "gaussian"} and fitted.info["validation"] == "leave-one-support-out"
+    assert outputs["knn"]["anomaly_map"].shape == (4, 64, 64) and outputs["knn"]["pred_score"].shape == (4,)
+    # A validation image that IS a support view scores ~0 in-bank but not when its support is left out.
+    _, same = fit_patch_scorers(
+        support, FEATURES, n_supports=2, validation_images=support[:1], validation_sources=np.array([0]),
+        progress=False, **OPTIONS,
+    )
+    assert same["knn"]["pred_score"][0] > 1e-3
+    fitted.save(tmp_path / "scorers")
+    loaded = PatchScorerSet.load(tmp_path / "scorers")
+    extractor = loaded.build_extractor()
+    from fsad_pipeline.models.features import extract_features
+
+    feats = extract_features(extractor, validation, image_size=64, dual_path=False, progress=False)
+    a = score_patch_features(fitted.scorers, feats, 64, 4.0)
+    b = score_patch_features(loaded.scorers, feats, 64, 4.0)
+    for name in a:
+        np.testing.assert_array_equal(a[name]["pred_score"], b[name]["pred_score"])
+
+
+def test_defect_shots_add_the_anomalous_bank():
+    support = _images(3, 2)
+    defects = _images(1, 3)
+    fitted, _ = fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **OPTIONS)
+    assert "anomalous_bank" in fitted.scorers
+    torch.manual_seed(0)
