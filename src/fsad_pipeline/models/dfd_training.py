@@ -339,12 +339,8 @@ def compute_path_maps(
             for start in range(0, low.shape[0], batch_size):
                 low_batch = low[start : start + batch_size].to(device, torch.float32)
                 high_batch = high[start : start + batch_size].to(device, torch.float32)
-                # In eval mode BatchNorm uses running statistics, so both paths can share one
-                # forward pass exactly (in training they stay separate, as in the reference).
-                perlin, gaussian = model.patch_scores(torch.cat([low_batch, high_batch]))
-                count = low_batch.shape[0]
-                perlin_low, perlin_high = perlin[:count], perlin[count:]
-                gaussian_low, gaussian_high = gaussian[:count], gaussian[count:]
+                perlin_low, gaussian_low = model.patch_scores(low_batch)
+                perlin_high, gaussian_high = model.patch_scores(high_batch)
                 maps = generator.path_maps(perlin_low, perlin_high, gaussian_low, gaussian_high)
                 perlin_maps.append(maps["perlin_map"].cpu())
                 gaussian_maps.append(maps["gaussian_map"].cpu())
