@@ -23,7 +23,7 @@ TINY_PARAMS: dict[str, Any] = {
     "parameters_evaluation.yml": {"evaluation": {"n_overlays": 4}},
     "parameters_memory_bank.yml": {
         "support_augmentation": {"rotations": False, "translations": False},
-        "memory_bank": {"features": {"pretrain_dim": 32, "target_dim": 32, "batch_size": 8}},
+        "memory_bank": {"features": {"pretrain_dim": 32, "target_dim": 32, "batch_size": 8}, "gaussian": {"enabled": True}},
     },
     "parameters_scoring.yml": {"fusion": {"n_trials": 20}},
 }
