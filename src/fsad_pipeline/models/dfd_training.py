@@ -443,6 +443,27 @@ def _state_copy(model: DFDModel) -> dict[str, Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+def _maps_and_stats(
+    model: DFDModel,
+    low: Tensor,
+    high: Tensor,
+    generator: DFDAnomalyMapGenerator,
+    config: DFDTrainConfig,
+    device: str | torch.device,
+) -> tuple[Tensor, Tensor, NormalizationStats]:
+    """Per-path maps of ``low``/``high`` features and the normalisation statistics frozen from them."""
+    perlin_maps, gaussian_maps = compute_path_maps(
+        model, low, high, generator, batch_size=config.scoring_batch_size, device=device
+    )
+    stats = NormalizationStats.from_maps(
+        perlin_maps,
+        gaussian_maps,
+        lower_percentile=config.stats_lower_percentile,
+        upper_percentile=config.stats_upper_percentile,
+    )
+    return perlin_maps, gaussian_maps, stats
+
+
 def train_dfd(
     train: CachedFeatures,
     config: DFDTrainConfig | None = None,
@@ -518,15 +539,8 @@ def train_dfd(
 
         selection: float | None = None
         if validation is not None:
-            perlin_maps, gaussian_maps = compute_path_maps(
-                model, validation.low, validation.high, generator,
-                batch_size=config.scoring_batch_size, device=device,
-            )
-            stats = NormalizationStats.from_maps(
-                perlin_maps,
-                gaussian_maps,
-                lower_percentile=config.stats_lower_percentile,
-                upper_percentile=config.stats_upper_percentile,
+            perlin_maps, gaussian_maps, stats = _maps_and_stats(
+                model, validation.low, validation.high, generator, config, device
             )
             outputs = generator.from_path_maps(perlin_maps, gaussian_maps, stats)
             record.update(validation_metrics(outputs, validation.labels, validation.masks))
@@ -560,16 +574,7 @@ def train_dfd(
     if best_stats is None:
         # No validation split: freeze the stats on the normal training features (biased low:
         # the model has been fitted to them, so anomalies may exceed max; no clipping is done).
-        perlin_maps, gaussian_maps = compute_path_maps(
-            model, train.normal_low, train.normal_high, generator,
-            batch_size=config.scoring_batch_size, device=device,
-        )
-        best_stats = NormalizationStats.from_maps(
-            perlin_maps,
-            gaussian_maps,
-            lower_percentile=config.stats_lower_percentile,
-            upper_percentile=config.stats_upper_percentile,
-        )
+        _, _, best_stats = _maps_and_stats(model, train.normal_low, train.normal_high, generator, config, device)
     return TrainResult(
         model=model,
         config=copy.deepcopy(config),
