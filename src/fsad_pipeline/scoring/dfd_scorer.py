@@ -161,9 +161,6 @@ class DFDScorer:
             "pred_score": outputs["pred_score"].numpy().astype(np.float32),
         }
 
-    def predict_label(self, pred_scores: np.ndarray) -> np.ndarray:
-        return (np.asarray(pred_scores) >= self.threshold["threshold"]).astype(np.int64)
-
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -42,10 +42,6 @@ class ScorerEnsemble:
     device: str = "cpu"
     name: str = "fused"
 
-    @property
-    def scorer_names(self) -> list[str]:
-        return [*self.image_scorers, *self.patch_scorers]
-
     def score_each(self, images: np.ndarray) -> dict[str, ScoreBatch]:
         """Every scorer's own (un-normalised) output for a batch of uint8 RGB images."""
         outputs: dict[str, ScoreBatch] = {name: s.score(images) for name, s in self.image_scorers.items()}
