@@ -70,7 +70,8 @@ def _read_png(path: Path, color: bool) -> np.ndarray:
 
 
 def save_sample_set(directory: str | Path, samples: PseudoAnomalySet) -> None:
-    """Write a pseudo-anomaly set as PNG files plus ``samples.csv`` (index, label, source_index).
+    """Write a pseudo-anomaly set as PNG files plus ``samples.csv`` (index, label, source_index,
+    defect_shot, mask_known).
 
     Layout: ``normals/NNNNN.png`` (rotated clean image), ``images/NNNNN.png`` (augmented image),
     ``masks/NNNNN.png`` (0/255), so a person can browse them.
@@ -89,6 +90,8 @@ def save_sample_set(directory: str | Path, samples: PseudoAnomalySet) -> None:
                 "index": np.arange(len(samples)),
                 "label": samples.labels,
                 "source_index": samples.source_index,
+                "defect_shot": samples.defect_shot,
+                "mask_known": samples.mask_known.astype(int),
             }
         ).to_csv(staging / "samples.csv", index=False)
 
@@ -103,6 +106,8 @@ def load_sample_set(directory: str | Path) -> PseudoAnomalySet:
         masks=np.stack([(_read_png(directory / "masks" / s, False) > 127).astype(np.uint8) for s in stems]),
         labels=table["label"].to_numpy(dtype=np.int64),
         source_index=table["source_index"].to_numpy(dtype=np.int64),
+        defect_shot=table["defect_shot"].to_numpy(dtype=np.int64) if "defect_shot" in table else None,
+        mask_known=table["mask_known"].to_numpy(dtype=bool) if "mask_known" in table else None,
     )
     samples.validate()
     return samples

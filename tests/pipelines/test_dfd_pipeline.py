@@ -57,6 +57,11 @@ def test_labelled_defect_shots_feed_the_anomalous_bank(tiny_project):
     predictions = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"), keep_default_na=False)
     assert not set(sum(shots.values(), [])) & set(predictions["path"])  # never evaluated on its own shots
     assert len(predictions) == 10 - 2
+    # Augmented views of the two shots join the fusion validation (5 default views each).
+    fusion = json.loads(tiny_project.path("data/06_models/fusion.json").read_text())
+    assert fusion["validation"]["validation_defect_views"] == 2 * 5
+    assert len(np.load(tiny_project.path("data/07_model_output/patch_validation.npz"))["knn/pred_score"]) == \
+        fusion["validation"]["validation_images"]
 
 
 def test_training_is_deterministic(tiny_project):

@@ -50,3 +50,25 @@ def test_defect_shots_add_the_anomalous_bank():
     fitted, _ = fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **OPTIONS)
     assert "anomalous_bank" in fitted.scorers
     torch.manual_seed(0)
+
+
+def test_defect_views_are_scored_leave_one_shot_out():
+    support = _images(3, 4)
+    defects = _images(2, 5)
+    # Row 0: a view of shot 0 itself; in-bank the anomalous bank would read it as a perfect match.
+    validation = np.concatenate([defects[:1], _images(1, 6)])
+    fitted, outputs = fit_patch_scorers(
+        support, FEATURES, defect_images=defects, validation_images=validation,
+        validation_sources=np.array([-1, 0]), validation_defect_shots=np.array([0, -1]),
+        progress=False, **OPTIONS,
+    )
+    assert fitted.info["validation_defect_views"] == 1
+    from fsad_pipeline.models.features import extract_features
+
+    feats = extract_features(fitted.build_extractor(), defects[:1], image_size=64, dual_path=False, progress=False)
+    in_bank = score_patch_features(fitted.scorers, feats, 64, 4.0)["anomalous_bank"]["pred_score"][0]
+    assert outputs["anomalous_bank"]["pred_score"][0] != in_bank
+    np.testing.assert_allclose(  # the normal kNN bank never held the defect: same score either way
+        outputs["knn"]["pred_score"][0], score_patch_features(fitted.scorers, feats, 64, 4.0)["knn"]["pred_score"][0],
+        rtol=1e-5,
+    )

@@ -145,3 +145,43 @@ def test_from_dict() -> None:
     assert SupportAugmentationConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError):
         SupportAugmentationConfig.from_dict({"rotation": True})
+
+
+def test_labelled_defect_masks_follow_geometric_views_only():
+    from fsad_pipeline.synthesis.support_augmentation import augment_labelled_defects, augmentation_names
+
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    image[0, 2:6, 20:28] = 255  # a bright defect near the top right
+    mask = (image[..., 0] > 0).astype(np.uint8)
+    config = SupportAugmentationConfig(rotations=False, translations=False, brightness=(0.5,), contrast=())
+    views, masks, shots = augment_labelled_defects(image, mask, config)
+    names = augmentation_names(config)
+    assert len(views) == len(masks) == len(names) and (shots == 0).all()
+    for name, view, view_mask in zip(names, views, masks):
+        if name == "grayscale" or name.startswith("brightness"):
+            np.testing.assert_array_equal(view_mask, mask[0])
+        else:  # the mask moved with the image: it covers exactly the bright pixels
+            np.testing.assert_array_equal(view_mask, (view[..., 0] > 127).astype(np.uint8), err_msg=name)
+    assert augment_labelled_defects(image, None, config)[1] is None
+
+
+def test_with_labelled_defects_extends_the_validation_set():
+    from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+    from fsad_pipeline.synthesis.support_augmentation import with_labelled_defects
+
+    rng = np.random.default_rng(0)
+    base_images = rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    base_masks = np.zeros((3, 16, 16), np.uint8)
+    base_masks[1, 4:8, 4:8] = 1
+    base = PseudoAnomalySet(base_images, base_images, base_masks, np.array([0, 1, 0]), np.array([0, 0, 1]))
+    defects = rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    masks = np.zeros((2, 16, 16), np.uint8)
+    masks[0, 2:5, 2:5] = 1  # shot 1 has no ground truth
+    config = SupportAugmentationConfig(rotations=False, translations=False, grayscale=False, brightness=(), contrast=())
+    merged = with_labelled_defects(base, defects, masks, config)
+    per_shot = len(augmentation_names(config))
+    assert len(merged) == 3 + 2 * per_shot
+    assert (merged.labels[3:] == 1).all() and (merged.source_index[3:] == -1).all()
+    np.testing.assert_array_equal(merged.defect_shot, [-1, -1, -1] + [0] * per_shot + [1] * per_shot)
+    np.testing.assert_array_equal(merged.mask_known, [True] * (3 + per_shot) + [False] * per_shot)
+    assert with_labelled_defects(base, None, None, config) is base

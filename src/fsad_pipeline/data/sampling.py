@@ -102,3 +102,16 @@ def select_defect_shots(manifest: pd.DataFrame, *, k_defect_shots: int, seed: in
 
 def defect_shot_paths(defect_shots: dict) -> list[str]:
     return sorted(path for paths in defect_shots.get("shots", {}).values() for path in paths)
+
+
+def load_defect_shots(
+    manifest: pd.DataFrame, defect_shots: dict, image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled defect shots as ``(images (n, H, W, 3), masks (n, H, W), has_mask (n,))``, path order."""
+    paths = defect_shot_paths(defect_shots)
+    if not paths:
+        return load_images([], image_size), np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, bool)
+    rows = manifest.set_index("path").loc[paths]
+    images = load_images(paths, int(image_size))
+    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), int(image_size))
+    return images, masks, has_mask

@@ -107,6 +107,7 @@ def fit_fusion(
     labels: np.ndarray,
     masks: np.ndarray | None = None,
     *,
+    mask_known: np.ndarray | None = None,
     n_trials: int = 200,
     seed: int = 0,
     min_gain: float = 0.005,
@@ -117,7 +118,8 @@ def fit_fusion(
 
     ``validation_outputs[name] = {"anomaly_map": (N, H, W), "pred_score": (N,)}`` for the same N
     validation images; ``labels`` (N,) and optional ``masks`` (N, H, W). The objective is image
-    AUROC (+ ``pixel_weight`` × pixel AUROC when masks are given).
+    AUROC (+ ``pixel_weight`` × pixel AUROC when masks are given, over the rows whose
+    ``mask_known`` is True).
     """
     names = list(validation_outputs)
     if not names:
@@ -131,10 +133,16 @@ def fit_fusion(
     if len(names) == 1 or not search or labels.min(initial=1) == labels.max(initial=0):
         reason = "single scorer" if len(names) == 1 else "search off" if not search else "single-class validation"
         return Fusion(stats, equal, {"method": "equal", "reason": reason})
+    # The pixel term only sees rows with a known mask (a labelled defect without ground truth has none).
+    pixel_rows = np.ones(len(labels), bool) if mask_known is None else np.asarray(mask_known, dtype=bool)
+    if masks is not None:
+        masks = np.asarray(masks)[pixel_rows]
     normalised = {
         n: {
             "pred_score": stats[n].normalise_scores(validation_outputs[n]["pred_score"]),
-            "anomaly_map": stats[n].normalise_maps(validation_outputs[n]["anomaly_map"]) if pixel_weight > 0 else None,
+            "anomaly_map": (
+                stats[n].normalise_maps(validation_outputs[n]["anomaly_map"][pixel_rows]) if pixel_weight > 0 else None
+            ),
         }
         for n in names
     }

@@ -56,15 +56,33 @@ class PatchScorerSet:
         return cls(FeatureConfig.from_dict(payload["features"]), scorers, payload.get("info", {}))
 
 
+def _fit_anomalous_bank(
+    defect_features: torch.Tensor,
+    defect_masks: np.ndarray | None,
+    knn_scorer: MemoryBankScorer,
+    support_features: torch.Tensor,
+    anomalous_bank: dict,
+    seed: int,
+) -> AnomalousBankScorer:
+    with torch.inference_mode():
+        fallback = knn_scorer.patch_scores(defect_features)
+    masks = None if defect_masks is None else torch.from_numpy(defect_masks.astype(np.float32))
+    options = {k: v for k, v in anomalous_bank.items() if k not in ("top_fraction",)}
+    anomalous = select_anomalous_patches(
+        defect_features, masks, fallback_scores=fallback, top_fraction=float(anomalous_bank["top_fraction"])
+    )
+    normal = support_features.permute(0, 2, 3, 1).reshape(-1, support_features.shape[1])
+    logger.info("anomalous bank: %d patches from %d labelled defect images", anomalous.shape[0], len(defect_features))
+    return AnomalousBankScorer(**options, seed=seed).fit(anomalous, normal)
+
+
 def _fit_scorers(
     support_features: torch.Tensor,
-    extractor: PatchFeatureExtractor,
-    common: dict,
     *,
     knn: dict,
     gaussian: dict,
     anomalous_bank: dict,
-    defect_images: np.ndarray | None,
+    defect_features: torch.Tensor | None,
     defect_masks: np.ndarray | None,
     seed: int,
     progress: bool,
@@ -75,19 +93,21 @@ def _fit_scorers(
     if gaussian.get("enabled", False):
         options = {k: v for k, v in gaussian.items() if k != "enabled"}
         scorers["gaussian"] = PositionGaussianScorer(**options, seed=seed, progress=progress).fit(support_features)
-    if defect_images is not None and len(defect_images):
-        defect_features = extract_features(extractor, defect_images, progress=progress, desc="features (defects)", **common)
-        with torch.inference_mode():
-            fallback = knn_scorer.patch_scores(defect_features)
-        masks = None if defect_masks is None else torch.from_numpy(defect_masks.astype(np.float32))
-        options = {k: v for k, v in anomalous_bank.items() if k not in ("top_fraction",)}
-        anomalous = select_anomalous_patches(
-            defect_features, masks, fallback_scores=fallback, top_fraction=float(anomalous_bank["top_fraction"])
+    if defect_features is not None and len(defect_features):
+        scorers["anomalous_bank"] = _fit_anomalous_bank(
+            defect_features, defect_masks, knn_scorer, support_features, anomalous_bank, seed
         )
-        normal = support_features.permute(0, 2, 3, 1).reshape(-1, support_features.shape[1])
-        scorers["anomalous_bank"] = AnomalousBankScorer(**options, seed=seed).fit(anomalous, normal)
-        logger.info("anomalous bank: %d patches from %d labelled defect images", anomalous.shape[0], len(defect_images))
     return scorers
+
+
+def _write_rows(target: dict[str, dict[str, np.ndarray]], outputs: dict, rows: np.ndarray, total: int) -> None:
+    for name, out in outputs.items():
+        slot = target.setdefault(name, {
+            "anomaly_map": np.zeros((total, *out["anomaly_map"].shape[1:]), np.float32),
+            "pred_score": np.zeros(total, np.float32),
+        })
+        slot["anomaly_map"][rows] = out["anomaly_map"]
+        slot["pred_score"][rows] = out["pred_score"]
 
 
 def score_patch_features(
@@ -117,6 +137,7 @@ def fit_patch_scorers(
     n_supports: int = 1,
     validation_images: np.ndarray | None = None,
     validation_sources: np.ndarray | None = None,
+    validation_defect_shots: np.ndarray | None = None,
     map_sigma: float = 4.0,
     defect_images: np.ndarray | None = None,
     defect_masks: np.ndarray | None = None,
@@ -126,52 +147,74 @@ def fit_patch_scorers(
 ) -> tuple[PatchScorerSet, dict[str, dict[str, np.ndarray]]]:
     """Fit every enabled patch scorer on the augmented supports ((k·n, H, W, 3), image-major).
 
-    Also returns each scorer's outputs on the synthetic validation images, scored
-    leave-one-support-out: a validation sample made from support ``i`` is scored by scorers fitted
-    without support ``i``'s augmentations. A memory bank that contains the very image it scores
-    reads ~0 on it, which would make validation normals look perfect and bias the fusion
-    weights and normalisation; left out, they behave like unseen normals. With one support
-    there is nothing to leave out and the full scorers are used (said in the log).
+    Also returns each scorer's outputs on the validation images, scored without the very image
+    a row was made from:
+
+    * a synthetic sample made from support ``i`` (``validation_sources``) is scored by scorers
+      fitted without support ``i``'s augmentations. A memory bank that contains the very image
+      it scores reads ~0 on it, which would make validation normals look perfect and bias the
+      fusion weights and normalisation; left out, they behave like unseen normals. With one
+      support there is nothing to leave out and the full scorers are used (said in the log).
+    * a view of labelled defect shot ``j`` (``validation_defect_shots``, −1 elsewhere) is scored
+      by the normal scorers and by an anomalous bank fitted without shot ``j`` (with a single
+      shot, by the full bank: optimistic, said in the log).
     """
     extractor = features.build_extractor()
     common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, dual_path=False)
     support_features = extract_features(extractor, augmented_support, progress=progress, desc="features (support)", **common)
-    options = dict(knn=knn, gaussian=gaussian, anomalous_bank=anomalous_bank, seed=seed, progress=progress)
+    defect_features = None
+    if defect_images is not None and len(defect_images):
+        defect_features = extract_features(extractor, defect_images, progress=progress, desc="features (defects)", **common)
+    options = dict(knn=knn, gaussian=gaussian, anomalous_bank=anomalous_bank, seed=seed)
     scorers = _fit_scorers(
-        support_features, extractor, common, defect_images=defect_images, defect_masks=defect_masks, **options
+        support_features, defect_features=defect_features, defect_masks=defect_masks, progress=progress, **options
     )
     info = {"augmented_support_images": int(len(augmented_support)), "feature_dim": extractor.feature_dim}
+    if validation_images is None or not len(validation_images):
+        return PatchScorerSet(features, scorers, info), {}
+    total = len(validation_images)
+    validation_features = extract_features(
+        extractor, validation_images, progress=progress, desc="features (validation)", **common
+    )
+    sources = np.asarray(validation_sources if validation_sources is not None else np.zeros(total), dtype=np.int64)
+    shots = np.asarray(validation_defect_shots if validation_defect_shots is not None else np.full(total, -1), dtype=np.int64)
     validation: dict[str, dict[str, np.ndarray]] = {}
-    if validation_images is not None and len(validation_images):
-        validation_features = extract_features(
-            extractor, validation_images, progress=progress, desc="features (validation)", **common
-        )
-        sources = np.asarray(validation_sources if validation_sources is not None else np.zeros(len(validation_images)))
-        if n_supports < 2:
-            logger.info("one support image: validation is scored by banks that contain it (optimistic)")
-            validation = score_patch_features(scorers, validation_features, features.image_size, map_sigma)
-            info["validation"] = "in-bank"
-        else:
-            views = len(augmented_support) // n_supports
-            chunks: dict[str, dict[str, np.ndarray]] = {}
-            for left_out in range(n_supports):
-                rows = np.flatnonzero(sources == left_out)
-                if rows.size == 0:
-                    continue
-                keep = torch.ones(len(augmented_support), dtype=torch.bool)
-                keep[left_out * views : (left_out + 1) * views] = False
-                fold = _fit_scorers(
-                    support_features[keep], extractor, common, defect_images=defect_images,
-                    defect_masks=defect_masks, **{**options, "progress": False},
-                )
-                fold_outputs = score_patch_features(fold, validation_features[torch.from_numpy(rows)], features.image_size, map_sigma)
-                for name, out in fold_outputs.items():
-                    target = chunks.setdefault(name, {
-                        "anomaly_map": np.zeros((len(validation_images), *out["anomaly_map"].shape[1:]), np.float32),
-                        "pred_score": np.zeros(len(validation_images), np.float32),
-                    })
-                    target["anomaly_map"][rows] = out["anomaly_map"]
-                    target["pred_score"][rows] = out["pred_score"]
-            validation = chunks
-            info["validation"] = "leave-one-support-out"
+
+    def score_rows(fold: dict[str, Any], rows: np.ndarray) -> None:
+        outputs = score_patch_features(fold, validation_features[torch.from_numpy(rows)], features.image_size, map_sigma)
+        _write_rows(validation, outputs, rows, total)
+
+    synthetic = np.flatnonzero(shots < 0)
+    if n_supports < 2:
+        logger.info("one support image: validation is scored by banks that contain it (optimistic)")
+        score_rows(scorers, synthetic)
+        info["validation"] = "in-bank"
+    else:
+        views = len(augmented_support) // n_supports
+        for left_out in range(n_supports):
+            rows = synthetic[sources[synthetic] == left_out]
+            if rows.size == 0:
+                continue
+            keep = torch.ones(len(augmented_support), dtype=torch.bool)
+            keep[left_out * views : (left_out + 1) * views] = False
+            fold = _fit_scorers(
+                support_features[keep], defect_features=defect_features, defect_masks=defect_masks,
+                progress=False, **options,
+            )
+            score_rows(fold, rows)
+        info["validation"] = "leave-one-support-out"
+    n_shots = 0 if defect_features is None else len(defect_features)
+    for shot in np.unique(shots[shots >= 0]):
+        rows = np.flatnonzero(shots == shot)
+        fold = dict(scorers)
+        if n_shots > 1:
+            keep = np.arange(n_shots) != shot
+            fold["anomalous_bank"] = _fit_anomalous_bank(
+                defect_features[torch.from_numpy(keep)], None if defect_masks is None else defect_masks[keep],
+                scorers["knn"], support_features, anomalous_bank, seed,
+            )
+        elif "anomalous_bank" in fold:
+            logger.info("one labelled defect shot: its views are scored by the bank that contains it (optimistic)")
+        score_rows(fold, rows)
+    info["validation_defect_views"] = int((shots >= 0).sum())
     return PatchScorerSet(features, scorers, info), validation

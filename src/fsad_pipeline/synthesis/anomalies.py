@@ -97,16 +97,38 @@ def make_pseudo_anomaly(
 
 @dataclass
 class PseudoAnomalySet:
-    """Stacked pseudo-anomalies; ``source_index`` names the support image each came from."""
+    """Stacked validation/training samples; ``source_index`` names the support image each came from.
+
+    Rows may also be augmented views of real labelled defect shots (the fusion validation set):
+    those have ``source_index == -1``, ``defect_shot`` = the shot they come from (−1 for
+    synthetic rows), and ``mask_known`` False when the shot has no ground-truth mask (their mask
+    is then empty although the label is 1).
+    """
 
     normals: np.ndarray  # (M, H, W, 3) uint8
     images: np.ndarray  # (M, H, W, 3) uint8
     masks: np.ndarray  # (M, H, W) uint8
     labels: np.ndarray  # (M,) int64
     source_index: np.ndarray  # (M,) int64
+    defect_shot: np.ndarray | None = None  # (M,) int64, −1 for synthetic rows
+    mask_known: np.ndarray | None = None  # (M,) bool
+
+    def __post_init__(self) -> None:
+        count = int(np.asarray(self.labels).shape[0])
+        if self.defect_shot is None:
+            self.defect_shot = np.full(count, -1, dtype=np.int64)
+        if self.mask_known is None:
+            self.mask_known = np.ones(count, dtype=bool)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def concat(self, other: PseudoAnomalySet) -> PseudoAnomalySet:
+        """Rows of ``self`` followed by the rows of ``other``."""
+        fields = ("normals", "images", "masks", "labels", "source_index", "defect_shot", "mask_known")
+        return PseudoAnomalySet(
+            **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in fields}
+        ).validate()
 
     def validate(self) -> PseudoAnomalySet:
         """Raise ValueError unless shapes and dtypes are consistent; returns self."""
@@ -117,6 +139,8 @@ class PseudoAnomalySet:
             "masks": (self.masks, np.uint8, 3),
             "labels": (self.labels, np.int64, 1),
             "source_index": (self.source_index, np.int64, 1),
+            "defect_shot": (self.defect_shot, np.int64, 1),
+            "mask_known": (self.mask_known, np.bool_, 1),
         }
         for name, (array, dtype, ndim) in checks.items():
             if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != ndim:
@@ -129,8 +153,11 @@ class PseudoAnomalySet:
             raise ValueError("masks must be (M, H, W) matching the images")
         if self.masks.size and self.masks.max() > 1:
             raise ValueError("masks must hold values in {0, 1}")
-        if not np.array_equal(self.labels, self.masks.reshape(count, -1).max(axis=1, initial=0).astype(np.int64)):
+        from_mask = self.masks.reshape(count, -1).max(axis=1, initial=0).astype(np.int64)
+        if not np.array_equal(self.labels[self.mask_known], from_mask[self.mask_known]):
             raise ValueError("labels must be 1 exactly where the mask is non-empty")
+        if (from_mask[~self.mask_known] != 0).any() or (self.labels[~self.mask_known] != 1).any():
+            raise ValueError("rows without a known mask must be labelled defects with an empty mask")
         return self
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .anomalies import PseudoAnomalySet
+
 logger = logging.getLogger(__name__)
 
 # RegAD: θ ∈ {±π/16, ±π/8, ±3π/16, ±π/4}.
@@ -153,16 +155,20 @@ def _format(value: float) -> str:
     return f"{value:+g}"
 
 
-def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transform]]:
-    """(name, transform) pairs in the fixed output order."""
+def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transform, bool]]:
+    """(name, transform, geometric) triples in the fixed output order.
+
+    ``geometric`` views move pixels (a defect mask must follow them); the others only change
+    intensities (a mask stays as it is).
+    """
     if config.include_original:
-        yield "original", lambda image: image.copy()
+        yield "original", lambda image: image.copy(), True
     if config.rotations:
         for angle in ROTATION_ANGLES:
-            yield f"rotate{_format(angle)}", lambda image, angle=angle: rotate(image, angle)
+            yield f"rotate{_format(angle)}", lambda image, angle=angle: rotate(image, angle), True
     if config.rot90:
         for times in (1, 2, 3):
-            yield f"rot90x{times}", lambda image, times=times: rotate90(image, times)
+            yield f"rot90x{times}", lambda image, times=times: rotate90(image, times), True
     if config.translations:
         for magnitude in TRANSLATION_MAGNITUDES:
             for sign_x, sign_y in _SIGN_COMBOS:
@@ -170,20 +176,21 @@ def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transf
                 yield (
                     f"translate{_format(shift_x)}{_format(shift_y)}",
                     lambda image, sx=shift_x, sy=shift_y: translate(image, sx, sy),
+                    True,
                 )
     if config.hflip:
-        yield "hflip", horizontal_flip
+        yield "hflip", horizontal_flip, True
     if config.grayscale:
-        yield "grayscale", to_grayscale
+        yield "grayscale", to_grayscale, False
     for factor in config.brightness:
-        yield f"brightness{factor:g}", lambda image, factor=factor: adjust_brightness(image, factor)
+        yield f"brightness{factor:g}", lambda image, factor=factor: adjust_brightness(image, factor), False
     for factor in config.contrast:
-        yield f"contrast{factor:g}", lambda image, factor=factor: adjust_contrast(image, factor)
+        yield f"contrast{factor:g}", lambda image, factor=factor: adjust_contrast(image, factor), False
 
 
 def augmentation_names(config: SupportAugmentationConfig | None = None) -> list[str]:
     """Names of the views produced per support image, in output order."""
-    return [name for name, _ in _transforms(config or SupportAugmentationConfig())]
+    return [name for name, _, _ in _transforms(config or SupportAugmentationConfig())]
 
 
 def augment_support(
@@ -206,7 +213,67 @@ def augment_support(
     count, height, width = images.shape[:3]
     output = np.empty((count * len(transforms), height, width, 3), dtype=np.uint8)
     for image_index, image in enumerate(images):
-        for view_index, (_, transform) in enumerate(transforms):
+        for view_index, (_, transform, _) in enumerate(transforms):
             output[image_index * len(transforms) + view_index] = transform(image)
     logger.debug("augmented %d support images into %d views", count, len(output))
     return output
+
+
+def augment_labelled_defects(
+    images: np.ndarray, masks: np.ndarray | None, config: SupportAugmentationConfig
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Views of labelled defect images (k, H, W, 3) and their masks (k, H, W) {0, 1} or ``None``.
+
+    The same views as :func:`augment_support`, image-major; a mask follows the geometric views
+    (same warp, nearest-neighbour decision at 0.5) and is unchanged by the photometric ones.
+    Returns ``(views, view_masks or None, shot_index)`` where ``shot_index[i]`` is the defect
+    image view ``i`` was made from.
+    """
+    views = augment_support(images, config)
+    per_image = len(views) // max(len(images), 1)
+    shot_index = np.repeat(np.arange(len(images), dtype=np.int64), per_image)
+    if masks is None:
+        return views, None, shot_index
+    masks = np.asarray(masks)
+    if masks.shape != images.shape[:3]:
+        raise ValueError(f"masks {masks.shape} do not match images {images.shape}")
+    view_masks = np.empty((len(views), *masks.shape[1:]), dtype=np.uint8)
+    row = 0
+    for mask in masks:
+        mask3 = np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+        for _, transform, geometric in _transforms(config):
+            moved = transform(mask3) if geometric else mask3
+            view_masks[row] = (moved[..., 0] >= 128).astype(np.uint8)
+            row += 1
+    return views, view_masks, shot_index
+
+
+def with_labelled_defects(
+    validation: PseudoAnomalySet,
+    defect_images: np.ndarray | None,
+    defect_masks: np.ndarray | None,
+    config: SupportAugmentationConfig,
+) -> PseudoAnomalySet:
+    """The synthetic validation set plus augmented views of the labelled defect shots.
+
+    As in the anomalous-samples seed, real defects (when a few are labelled) make the
+    validation used for fusion weights and the threshold less synthetic. A view whose mask is
+    unknown (no ground truth) or became empty keeps label 1 with ``mask_known`` False.
+    """
+    if defect_images is None or len(defect_images) == 0:
+        return validation
+    views, view_masks, shot_index = augment_labelled_defects(defect_images, defect_masks, config)
+    count = len(views)
+    masks = np.zeros(views.shape[:3], dtype=np.uint8) if view_masks is None else view_masks
+    known = masks.reshape(count, -1).max(axis=1) > 0
+    masks[~known] = 0
+    extra = PseudoAnomalySet(
+        normals=views.copy(),  # no clean counterpart exists for a real defect
+        images=views,
+        masks=masks,
+        labels=np.ones(count, dtype=np.int64),
+        source_index=np.full(count, -1, dtype=np.int64),
+        defect_shot=shot_index,
+        mask_known=known,
+    )
+    return validation.concat(extra)

@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import numpy as np
 
-from fsad_pipeline.data.sampling import load_gt_masks, load_images
+from fsad_pipeline.data.sampling import load_defect_shots
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.pipelines.training.nodes import feature_config
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet, fit_patch_scorers
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
-from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
+from fsad_pipeline.synthesis.support_augmentation import (
+    SupportAugmentationConfig,
+    augment_support,
+    with_labelled_defects,
+)
 
 
 def augment_support_images(support_images: np.ndarray, support_augmentation: dict) -> np.ndarray:
     return augment_support(support_images, SupportAugmentationConfig.from_dict(support_augmentation))
 
 
+def build_fusion_validation(
+    synthetic_validation: PseudoAnomalySet, defect_shots: dict, manifest, image_size: int, fusion: dict
+) -> PseudoAnomalySet:
+    """The synthetic validation split plus augmented labelled defect shots (when any).
+
+    A shot without a ground-truth mask has an all-zero mask here, so its views are marked
+    ``mask_known`` False.
+    """
+    images, masks, _ = load_defect_shots(manifest, defect_shots, int(image_size))
+    config = SupportAugmentationConfig.from_dict(fusion["defect_views"])
+    return with_labelled_defects(synthetic_validation, images, masks, config)
+
+
 def fit_memory_banks(
     augmented_support: np.ndarray,
     support_images: np.ndarray,
-    synthetic_validation: PseudoAnomalySet,
+    fusion_validation: PseudoAnomalySet,
     defect_shots: dict,
     manifest,
     backbone: str,
@@ -28,16 +45,11 @@ def fit_memory_banks(
     seed: int,
     device: str,
 ) -> tuple[PatchScorerSet, dict]:
-    """The fitted patch scorers, and their leave-one-support-out outputs on the validation split."""
+    """The fitted patch scorers, and their leave-one-out outputs on the fusion validation set."""
     features = feature_config(memory_bank.get("backbone") or backbone, image_size, memory_bank["features"])
-    defect_paths = sorted(p for paths in defect_shots["shots"].values() for p in paths)
-    defect_images = defect_masks = None
-    if defect_paths:
-        rows = manifest.set_index("path").loc[defect_paths]
-        defect_images = load_images(defect_paths, int(image_size))
-        defect_masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), int(image_size))
-        if not has_mask.all():
-            defect_masks = None  # no mask for some shots: use the top-scoring patches for all of them
+    defect_images, defect_masks, has_mask = load_defect_shots(manifest, defect_shots, int(image_size))
+    if not has_mask.all():
+        defect_masks = None  # no mask for some shots: use the top-scoring patches for all of them
     return fit_patch_scorers(
         augmented_support,
         features,
@@ -45,10 +57,11 @@ def fit_memory_banks(
         gaussian=memory_bank["gaussian"],
         anomalous_bank=memory_bank["anomalous_bank"],
         n_supports=len(support_images),
-        validation_images=synthetic_validation.images,
-        validation_sources=synthetic_validation.source_index,
+        validation_images=fusion_validation.images,
+        validation_sources=fusion_validation.source_index,
+        validation_defect_shots=fusion_validation.defect_shot,
         map_sigma=float(memory_bank["map_sigma"]),
-        defect_images=defect_images,
+        defect_images=defect_images if len(defect_images) else None,
         defect_masks=defect_masks,
         seed=int(seed),
         device=str(select_device(device)),

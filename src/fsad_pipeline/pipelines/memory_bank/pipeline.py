@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import augment_support_images, fit_memory_banks
+from .nodes import augment_support_images, build_fusion_validation, fit_memory_banks
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -13,11 +13,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="augment_support_images",
             ),
             node(
+                build_fusion_validation,
+                inputs=["synthetic_validation", "defect_shots", "manifest", "params:image_size", "params:fusion"],
+                outputs="fusion_validation",
+                name="build_fusion_validation",
+            ),
+            node(
                 fit_memory_banks,
                 inputs=[
                     "augmented_support",
                     "support_images",
-                    "synthetic_validation",
+                    "fusion_validation",
                     "defect_shots",
                     "manifest",
                     "params:backbone",

@@ -33,7 +33,7 @@ def fit_score_fusion(
     dfd_model: DFDScorer,
     patch_validation: dict,
     support_images: np.ndarray,
-    synthetic_validation: PseudoAnomalySet,
+    fusion_validation: PseudoAnomalySet,
     fusion: dict,
     threshold: dict,
     winclip: dict,
@@ -43,16 +43,18 @@ def fit_score_fusion(
 ) -> dict:
     """Per-scorer normalisation, fusion weights and the decision threshold, all on validation data.
 
-    The patch scorers' validation outputs come from the memory_bank stage (leave-one-support-out);
+    The validation set is the synthetic split plus augmented labelled defect shots (when any).
+    The patch scorers' validation outputs come from the memory_bank stage (leave-one-out);
     the image scorers (DFD, WinCLIP) score the validation images here.
     """
     ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device)
-    outputs = {**score_in_chunks(ensemble, synthetic_validation.images), **patch_validation}
-    labels = synthetic_validation.labels
+    outputs = {**score_in_chunks(ensemble, fusion_validation.images), **patch_validation}
+    labels = fusion_validation.labels
     fitted = fit_fusion(
         outputs,
         labels,
-        synthetic_validation.masks,
+        fusion_validation.masks,
+        mask_known=fusion_validation.mask_known,
         n_trials=int(fusion["n_trials"]),
         seed=int(seed),
         min_gain=float(fusion["min_gain"]),
@@ -66,7 +68,12 @@ def fit_score_fusion(
         method=threshold["method"],
         target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
     )
-    return {**fitted.to_dict(), "threshold": decision, "scorers": fitted.scorers}
+    counts = {
+        "validation_images": len(labels),
+        "validation_anomalous": int(labels.sum()),
+        "validation_defect_views": int((fusion_validation.defect_shot >= 0).sum()),
+    }
+    return {**fitted.to_dict(), "threshold": decision, "scorers": fitted.scorers, "validation": counts}
 
 
 def score_test_images(

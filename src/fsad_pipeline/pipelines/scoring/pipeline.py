@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "dfd_model",
                     "patch_validation",
                     "support_images",
-                    "synthetic_validation",
+                    "fusion_validation",
                     "params:fusion",
                     "params:threshold",
                     "params:winclip",
