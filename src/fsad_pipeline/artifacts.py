@@ -42,13 +42,18 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write a text file atomically (temp file + rename): readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(text, encoding=encoding)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def read_json(path: str | Path) -> Any:

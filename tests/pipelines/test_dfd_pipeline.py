@@ -35,6 +35,11 @@ def test_dfd_chain_end_to_end(tiny_project):
     for figure in ("roc_curve.png", "score_histogram.png", "anomaly_overlays.png", "training_curves.png",
                    "scorer_comparison.png"):
         assert tiny_project.path(f"data/08_reporting/{figure}").stat().st_size > 1000, figure
+    assert tiny_project.path("data/08_reporting/pr_curve.png").stat().st_size > 1000
+    report = tiny_project.path("data/08_reporting/report.html").read_text(encoding="utf-8")
+    assert len(report) > 20_000 and report.count('<tr class="image-row') == len(predictions)
+    assert report.count("data:image/jpeg;base64,") == 2 * len(predictions)  # thumbnail + overlay per image
+    assert report.count("data:image/png;base64,") == 4  # ROC, PR, histogram, scorer comparison
 
     # The saved models reproduce the scores exactly.
     images = load_images(predictions["path"].tolist(), 64)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -23,6 +24,7 @@ from fsad_pipeline.evaluation.metrics import image_auroc
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "heatmap_overlay",
     "heatmap_overlay_grid",
     "metric_bar_figure",
     "pr_figure",
@@ -225,6 +227,35 @@ def score_histogram_figure(
         ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- #
+# single images
+# --------------------------------------------------------------------------- #
+def heatmap_overlay(
+    image: Any,
+    anomaly_map: Any,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> np.ndarray:
+    """One image with its colour-mapped anomaly map blended on top, as ``H×W×3`` uint8.
+
+    The same colours as :func:`heatmap_overlay_grid`, but as pixels rather than a figure, so
+    reports and inference outputs can embed or save one overlay per image. The map is resized
+    to the image; ``vmin``/``vmax`` (default: the map's own min/max) fix the colour scale so
+    overlays of different images are comparable.
+    """
+    rgb = _to_rgb_uint8(image)
+    values = _to_2d_float(anomaly_map, *rgb.shape[:2])
+    low = float(values.min()) if vmin is None else float(vmin)
+    high = float(values.max()) if vmax is None else float(vmax)
+    scaled = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+    colours = matplotlib.colormaps[cmap](scaled)[..., :3] * 255.0
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- #

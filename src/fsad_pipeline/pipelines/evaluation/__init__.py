@@ -1,4 +1,4 @@
-"""``evaluation``: predictions + maps → metrics.json, ROC curve, histograms, heat-map overlays."""
+"""``evaluation``: predictions + maps → metrics.json, ROC/PR curves, histograms, heat-map overlays, report.html."""
 
 from .pipeline import create_pipeline
 

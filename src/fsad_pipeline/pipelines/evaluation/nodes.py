@@ -7,7 +7,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fsad_pipeline.data.sampling import load_gt_masks, load_images
-from fsad_pipeline.evaluation.figures import heatmap_overlay_grid, metric_bar_figure, roc_figure, score_histogram_figure
+from fsad_pipeline.evaluation.figures import (
+    heatmap_overlay_grid,
+    metric_bar_figure,
+    pr_figure,
+    roc_figure,
+    score_histogram_figure,
+)
+from fsad_pipeline.evaluation.html_report import render_html_report
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 
@@ -61,17 +68,26 @@ def compute_metrics(
     return metrics, roc_table
 
 
-def plot_results(
-    predictions: pd.DataFrame, anomaly_maps: np.ndarray, fusion: dict, image_size: int, evaluation: dict
-) -> tuple[Figure, Figure, Figure]:
+def _score_figures(predictions: pd.DataFrame, fusion: dict) -> dict[str, Figure]:
+    """ROC and PR curves (fused and every scorer) and the score histogram."""
     labels = predictions["gt_label"].to_numpy()
     scores = predictions["pred_score"].to_numpy()
     curves = {"fused": (labels, scores)}
     curves.update({name: (labels, predictions[f"score_{name}"].to_numpy()) for name in fusion["scorers"]})
-    roc = roc_figure(title="Image-level ROC per scorer", curves=curves)
-    histogram = score_histogram_figure(
-        scores, labels, threshold=fusion["threshold"]["threshold"], defect_types=predictions["defect_type"].to_numpy()
-    )
+    return {
+        "ROC curve": roc_figure(title="Image-level ROC per scorer", curves=curves),
+        "Precision-recall curve": pr_figure(title="Image-level precision-recall per scorer", curves=curves),
+        "Score histogram": score_histogram_figure(
+            scores, labels, threshold=fusion["threshold"]["threshold"], defect_types=predictions["defect_type"].to_numpy()
+        ),
+    }
+
+
+def plot_results(
+    predictions: pd.DataFrame, anomaly_maps: np.ndarray, fusion: dict, image_size: int, evaluation: dict
+) -> tuple[Figure, Figure, Figure, Figure]:
+    figures = _score_figures(predictions, fusion)
+    scores = predictions["pred_score"].to_numpy()
     # The most anomalous images first, then the least anomalous ones, to see both ends.
     n = int(evaluation["n_overlays"])
     order = np.argsort(-scores)
@@ -91,7 +107,7 @@ def plot_results(
         vmax=max(1.0, float(np.max(scores))),
         per_row=int(evaluation["overlays_per_row"]),
     )
-    return roc, histogram, overlays
+    return figures["ROC curve"], figures["Precision-recall curve"], figures["Score histogram"], overlays
 
 
 def plot_scorer_comparison(metrics: dict) -> Figure:
@@ -101,4 +117,25 @@ def plot_scorer_comparison(metrics: dict) -> Figure:
         {k: float("nan") if v is None else v for k, v in values.items()},
         title="Image AUROC per scorer (test set)",
         ylabel="image AUROC",
+    )
+
+
+def write_html_report(
+    predictions: pd.DataFrame, anomaly_maps: np.ndarray, metrics: dict, fusion: dict, image_size: int, evaluation: dict
+) -> str:
+    """report.html: metrics, the score figures and every test image ranked by score, in one file.
+
+    The figures are drawn again here (cheap) because the PNG datasets above are write-only.
+    """
+    figures = {**_score_figures(predictions, fusion), "Image AUROC per scorer": plot_scorer_comparison(metrics)}
+    report = evaluation["html_report"]
+    return render_html_report(
+        predictions,
+        anomaly_maps,
+        image_size=int(image_size),
+        metrics=metrics,
+        figures=figures,
+        title=report["title"],
+        thumbnail_size=int(report["thumbnail_size"]),
+        jpeg_quality=int(report["jpeg_quality"]),
     )

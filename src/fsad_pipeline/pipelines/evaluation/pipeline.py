@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import compute_metrics, plot_results, plot_scorer_comparison
+from .nodes import compute_metrics, plot_results, plot_scorer_comparison, write_html_report
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -27,10 +27,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 plot_results,
                 inputs=["predictions", "anomaly_maps", "fusion", "params:image_size", "params:evaluation"],
-                outputs=["roc_figure", "score_histogram", "anomaly_overlays"],
+                outputs=["roc_figure", "pr_figure", "score_histogram", "anomaly_overlays"],
                 name="plot_results",
             ),
             node(plot_scorer_comparison, inputs="metrics", outputs="scorer_comparison", name="plot_scorer_comparison"),
+            node(
+                write_html_report,
+                inputs=["predictions", "anomaly_maps", "metrics", "fusion", "params:image_size", "params:evaluation"],
+                outputs="html_report",
+                name="write_html_report",
+            ),
         ],
         tags="evaluation",
     )
