@@ -43,8 +43,10 @@ def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_pat
     if env_name:
         command.append(f"--env={env_name}")
     env = {**os.environ, "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+    if log_path is None:
+        log_path = Path(tempfile.mkstemp(prefix="fsad-run-", suffix=".log")[1])
     started = time.perf_counter()
-    with open(log_path or os.devnull, "w") as log:
+    with open(log_path, "w") as log:
         child = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         watcher = psutil.Process(child.pid)
         peak = 0
@@ -53,7 +55,8 @@ def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_pat
             time.sleep(0.25)
     wall = time.perf_counter() - started
     if child.returncode != 0:
-        raise RuntimeError(f"kedro run failed ({params}); see {log_path}")
+        tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"kedro run failed ({params}); see {log_path}:\n{tail}")
     metrics = json.loads((workdir / "data" / "08_reporting" / "metrics.json").read_text())
     return {**metrics, "wall_seconds": wall, "peak_rss_gib": peak / 2**30}
 

@@ -55,9 +55,11 @@ def test_kedro_viz_build_renders_every_pipeline(tiny_project):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     build = tiny_project.path("build")
     assert (build / "index.html").exists()
-    from fsad_pipeline.pipeline_registry import register_pipelines
+    from kedro.framework.project import pipelines
+    from kedro.framework.startup import bootstrap_project
 
-    expected = set(register_pipelines())
+    bootstrap_project(tiny_project.root)
+    expected = set(pipelines)
     rendered = {p.name for p in (build / "api" / "pipelines").iterdir()}
     assert expected <= rendered
     main = json.loads((build / "api" / "main").read_text())
