@@ -21,7 +21,7 @@ def augment_support_images(support_images: np.ndarray, support_augmentation: dic
 
 
 def build_fusion_validation(
-    synthetic_validation: PseudoAnomalySet, defect_shots: dict, manifest, image_size: int, fusion: dict
+    synthetic_validation: PseudoAnomalySet, defect_shots: dict, manifest, image_size: int, defect_views: dict
 ) -> PseudoAnomalySet:
     """The synthetic validation split plus augmented labelled defect shots (when any).
 
@@ -29,7 +29,7 @@ def build_fusion_validation(
     ``mask_known`` False.
     """
     images, masks, _ = load_defect_shots(manifest, defect_shots, int(image_size))
-    config = SupportAugmentationConfig.from_dict(fusion["defect_views"])
+    config = SupportAugmentationConfig.from_dict(defect_views)
     return with_labelled_defects(synthetic_validation, images, masks, config)
 
 

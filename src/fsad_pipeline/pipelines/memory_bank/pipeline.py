@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 build_fusion_validation,
-                inputs=["synthetic_validation", "defect_shots", "manifest", "params:image_size", "params:fusion"],
+                inputs=["synthetic_validation", "defect_shots", "manifest", "params:image_size", "params:fusion.defect_views"],
                 outputs="fusion_validation",
                 name="build_fusion_validation",
             ),
