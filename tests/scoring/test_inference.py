@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -49,6 +50,10 @@ def test_collect_image_paths_expands_folders_and_reports_missing_inputs(inbox, t
     assert names == ["a_good.png", "b_defect.png", "d_corrupt.png", "e_empty.png", "c_wide.png"]
     assert rejects == [{"path": str(tmp_path / "missing.png"), "reason": "does not exist"}]
     assert [p.split("/")[-1] for p in collect_image_paths(inbox, recursive=False)[0]] == names[:4]
+    # Neither an earlier run's overlays inside the inbox nor hidden folders are new images.
+    shutil.copytree(inbox / "line2", inbox / "results" / "overlays")
+    shutil.copytree(inbox / "line2", inbox / ".staging")
+    assert [p.split("/")[-1] for p in collect_image_paths(inbox, exclude=inbox / "results")[0]] == names
 
 
 def test_every_readable_image_is_scored_and_the_unreadable_ones_listed(bundle, inbox, tmp_path):

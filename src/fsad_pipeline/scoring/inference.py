@@ -52,21 +52,38 @@ class InspectionResult:
     output_dir: Path
 
 
-def collect_image_paths(inputs: str | Path | Sequence[str | Path], *, recursive: bool = True) -> tuple[list[str], list[dict]]:
+def _folder_images(folder: Path, recursive: bool, skip: Path | None) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in candidates:
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative[:-1]) or not is_image_file(path):
+            continue  # hidden folders (staging dirs, .git) are not inputs
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue  # an earlier run's overlays inside the inbox are not new images
+        found.append(path)
+    return sorted(found)
+
+
+def collect_image_paths(
+    inputs: str | Path | Sequence[str | Path], *, recursive: bool = True, exclude: str | Path | None = None
+) -> tuple[list[str], list[dict]]:
     """Expand folders and files into image paths (sorted per folder, duplicates dropped).
 
     A file named directly is always taken (the reader decides whether it is an image); a
-    folder contributes its files with an image suffix, hidden files excluded. Inputs that do
-    not exist come back as rejects.
+    folder contributes its files with an image suffix, hidden files and folders and anything
+    under ``exclude`` (the run's output folder) left out. Inputs that do not exist come back
+    as rejects.
     """
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    skip = Path(exclude).resolve() if exclude is not None else None
     paths: list[str] = []
     rejects: list[dict] = []
     seen: set[str] = set()
     for item in items:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in (item.rglob("*") if recursive else item.iterdir()) if is_image_file(p))
+            found = _folder_images(item, recursive, skip)
         elif item.exists():
             found = [item]
         else:
@@ -141,7 +158,7 @@ def inspect_images(
     is an image file, or (after writing ``rejects.csv``) when none could be read.
     """
     output_dir = Path(output_dir)
-    paths, rejects = collect_image_paths(inputs, recursive=recursive)
+    paths, rejects = collect_image_paths(inputs, recursive=recursive, exclude=output_dir)
     if not paths:
         raise _no_image_files(inputs)
     if threshold is None:
@@ -249,7 +266,7 @@ def run_inspection(
     """
     from fsad_pipeline.scoring.model_bundle import load_bundle, verify_bundle
 
-    if not collect_image_paths(inputs, recursive=options.get("recursive", True))[0]:
+    if not collect_image_paths(inputs, recursive=options.get("recursive", True), exclude=output_dir)[0]:
         raise _no_image_files(inputs)
     _check_output_dir(Path(output_dir))
     verify_bundle(model_dir, expect, check_files=False)  # cheap refusal before the checksums and the load

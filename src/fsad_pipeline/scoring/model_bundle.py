@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fsad_pipeline.artifacts import atomic_directory, load_array, read_json, save_array, write_json
+from fsad_pipeline.artifacts import atomic_directory, load_array, read_json, save_array
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.ensemble import ScorerEnsemble, assemble, build_winclip
 from fsad_pipeline.scoring.fusion import Fusion
@@ -150,7 +150,8 @@ def export_bundle(
         dfd_model.save(staging / DFD_DIR)
         if patch_scorers is not None:
             patch_scorers.save(staging / PATCH_SCORERS_DIR)
-        write_json(staging / FUSION_FILE, dict(fusion))
+        # Key order kept (no sort_keys): the fusion sums scorers in the order of its weights.
+        (staging / FUSION_FILE).write_text(json.dumps(dict(fusion), indent=2, default=float))
         save_array(staging / SUPPORT_FILE, support)
         if classifier is not None:
             classifier.save(staging / CLASSIFIER_DIR)
