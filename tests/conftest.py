@@ -112,3 +112,49 @@ class DatasetFactory:
 @pytest.fixture
 def datasets() -> type[DatasetFactory]:
     return DatasetFactory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_parts() -> dict:
+    """A real but tiny fitted model (DFD + kNN bank + fusion) at 32 px, built once per session.
+
+    What a ``dfd`` run hands to the model bundle, in seconds instead of a pipeline run: DFD
+    trained for one meta-epoch on 8 pseudo-anomalies, a kNN bank on 2 supports, the fusion and
+    threshold fitted on 8 validation samples by the scoring stage's own node.
+    """
+    from fsad_pipeline.models.dfd_training import DFDTrainConfig
+    from fsad_pipeline.pipelines.scoring.nodes import fit_score_fusion
+    from fsad_pipeline.scoring.dfd_scorer import DFDScorer, FeatureConfig
+    from fsad_pipeline.scoring.patch_scorers import fit_patch_scorers
+    from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+    size = 32
+    rng = np.random.default_rng(0)
+
+    def sample_set(n: int) -> PseudoAnomalySet:
+        normals = np.stack([_texture(rng, size) for _ in range(n)])
+        images, masks = normals.copy(), np.zeros((n, size, size), np.uint8)
+        labels = np.arange(n) % 2
+        for i in np.flatnonzero(labels):
+            images[i], mask = _defect(normals[i], rng, "spot")
+            masks[i] = mask > 0
+        return PseudoAnomalySet(normals, images, masks, labels.astype(np.int64), (np.arange(n) * 2 // n).astype(np.int64))
+
+    train, validation = sample_set(8), sample_set(8)
+    support = np.stack([_texture(rng, size) for _ in range(2)])
+    features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=size, batch_size=8)
+    dfd = DFDScorer.fit(
+        train, validation, features=features, device="cpu", progress=False,
+        train_config=DFDTrainConfig(meta_epochs=1, epochs=1, gaussian_hidden=16, seed=0),
+    )
+    patch, patch_validation = fit_patch_scorers(
+        support, features, knn={"coreset_ratio": 0.5, "num_neighbors": 3, "backend": "torch"},
+        gaussian={"enabled": False}, anomalous_bank={"top_fraction": 0.1}, n_supports=2,
+        validation_images=validation.images, validation_sources=validation.source_index, progress=False,
+    )
+    fusion = fit_score_fusion(
+        dfd, patch_validation, support, validation,
+        {"n_trials": 5, "min_gain": 0.005, "pixel_weight": 0.0, "search": True},
+        {"method": "f1_max", "target_false_alarm_rate": 0.05}, {"enabled": False}, size, 0, "cpu",
+    )
+    return {"dfd_model": dfd, "patch_scorers": patch, "fusion": fusion, "support_images": support, "image_size": size}

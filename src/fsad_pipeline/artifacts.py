@@ -66,6 +66,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 RGB (H, W, 3) or grey (H, W) image as PNG, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_png(path, np.ascontiguousarray(image))
+
+
 def _read_png(path: Path, color: bool) -> np.ndarray:
     flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE
     array = cv2.imread(str(path), flag)

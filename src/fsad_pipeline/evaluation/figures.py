@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "heatmap_overlay",
     "heatmap_overlay_grid",
+    "heatmap_overlay_image",
     "metric_bar_figure",
     "pr_figure",
     "pseudo_anomaly_examples_figure",
@@ -315,6 +316,45 @@ def heatmap_overlay_grid(
             axes[2].set_title("ground truth", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def heatmap_overlay_image(
+    image: Any,
+    anomaly_map: Any,
+    *,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.5,
+    size: tuple[int, int] | None = None,
+    caption: str | None = None,
+    caption_color: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """One image blended with its jet-coloured anomaly map, as a uint8 RGB array (no matplotlib).
+
+    Per-image PNGs for inference need to be cheap, so this draws with OpenCV. ``size`` is the
+    output (height, width), e.g. the original aspect ratio of the file; the map is clipped to
+    ``[vmin, vmax]`` so colours mean the same in every image. ``caption`` is written on a dark
+    band at the top (e.g. ``"NG 0.83"``).
+    """
+    rgb = _to_rgb_uint8(image)
+    height, width = size if size is not None else rgb.shape[:2]
+    if rgb.shape[:2] != (height, width):
+        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+    values = _to_2d_float(anomaly_map, height, width)
+    span = max(float(vmax) - float(vmin), 1e-12)
+    scaled = np.clip((values - float(vmin)) / span, 0.0, 1.0)
+    heat = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(rgb, 1.0 - alpha, heat, alpha, 0.0)
+    if caption:
+        scale = max(0.35, min(height, width) / 400)
+        thickness = max(1, int(round(scale * 2)))
+        (text_w, text_h), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        band = text_h + baseline + 6
+        blended[:band] = (blended[:band] * 0.35).astype(np.uint8)
+        cv2.putText(blended, caption, (4, text_h + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, caption_color, thickness,
+                    cv2.LINE_AA)
+    return blended
 
 
 def pseudo_anomaly_examples_figure(

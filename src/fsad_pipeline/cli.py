@@ -1,0 +1,138 @@
+"""Command-line entry points; thin wrappers over the core (no logic of their own).
+
+``fsad-inspect <folder or files...> [--model DIR] [--out DIR] [--threshold X] [--batch-size N]``
+scores new images with the promoted model through the same function as the ``inference``
+pipeline (:func:`fsad_pipeline.scoring.inference.run_inspection`).
+
+Inside a project folder (one with ``conf/base``; ``--project`` names another) the defaults come
+from its ``inference`` parameters, and the model must match its ``backbone``, ``image_size`` and
+``config_version``. Exit status: 0 done (unreadable files, if any, are listed in rejects.csv),
+2 bad usage, 3 missing or mismatched model, 4 no readable image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_NO_IMAGES = 4
+
+#: Used outside a project folder (no conf to take defaults from).
+DEFAULT_MODEL_DIR = "models/champion"
+DEFAULT_OUTPUT_DIR = "inspection"
+DEFAULT_BATCH_SIZE = 16
+
+
+def _project_parameters(project: Path) -> dict[str, Any] | None:
+    """The project's merged parameters (base + local), or None when ``project`` has no conf."""
+    conf = project / "conf"
+    if not (conf / "base").is_dir():
+        return None
+    from kedro.config import OmegaConfigLoader
+
+    local = conf / "local"
+    loader = OmegaConfigLoader(
+        conf_source=str(conf), base_env="base", default_run_env="local" if local.is_dir() else "base"
+    )
+    return dict(loader["parameters"])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsad-inspect",
+        description="Score new images with the promoted anomaly-detection model: verdict (OK/NG), score and "
+        "heat-map overlay per image, in <out>/predictions.csv and <out>/overlays/.",
+        epilog="Exit status: 0 done, 2 bad usage, 3 missing or mismatched model, 4 no readable image.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--model", help=f"model bundle folder (default: the project's inference.model_dir, else {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--out", help="run folder to write (default: the project's inference.output_dir, "
+                        f"else ./{DEFAULT_OUTPUT_DIR}); replaced if it holds an earlier inspection")
+    parser.add_argument("--threshold", type=float, help="decision threshold (default: the model's calibrated one)")
+    parser.add_argument("--batch-size", type=_positive_int, help="images scored at a time (default 16)")
+    parser.add_argument("--device", help="auto | cpu | cuda (default: the project's device, else auto)")
+    parser.add_argument("--project", type=Path, default=None,
+                        help="project folder whose conf gives defaults and the expected backbone, image size and "
+                        "config version (default: the current folder, when it has conf/base)")
+    parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """``fsad-inspect``: returns the exit status (see the module docstring)."""
+    parser = _inspect_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def fail(code: int, message: str) -> int:
+        print(f"fsad-inspect: error: {message}", file=sys.stderr)
+        return code
+
+    project = args.project if args.project is not None else Path.cwd()
+    params = _project_parameters(project)
+    if params is None and args.project is not None:
+        return fail(EXIT_USAGE, f"{project} is not a project folder (no conf/base)")
+    settings = dict((params or {}).get("inference") or {})
+    expect = None
+    if params is not None:
+        expect = {key: params.get(key) for key in ("backbone", "image_size", "config_version")}
+
+    def from_project(value: str | None) -> Path | None:
+        return None if value is None else (project / value if not Path(value).is_absolute() else Path(value))
+
+    model = Path(args.model) if args.model else from_project(settings.get("model_dir")) or Path(DEFAULT_MODEL_DIR)
+    out = Path(args.out) if args.out else from_project(settings.get("output_dir")) or Path(DEFAULT_OUTPUT_DIR)
+    threshold = args.threshold if args.threshold is not None else settings.get("threshold")
+    batch_size = args.batch_size or int(settings.get("batch_size") or DEFAULT_BATCH_SIZE)
+    device = args.device or (params or {}).get("device") or "auto"
+    max_pixels = int(((params or {}).get("data") or {}).get("max_pixels") or 0) or None
+
+    from fsad_pipeline.scoring.inference import NoImagesError, run_inspection
+    from fsad_pipeline.scoring.model_bundle import BundleError
+
+    options: dict[str, Any] = {
+        "threshold": threshold,
+        "batch_size": batch_size,
+        "recursive": bool(settings.get("recursive", True)),
+        "overlays": not args.no_overlays and bool(settings.get("overlays", True)),
+        "overlay_max_side": settings.get("overlay_max_side", 512),
+        "overlay_alpha": float(settings.get("overlay_alpha", 0.5)),
+        "progress": not args.quiet,
+    }
+    if max_pixels:
+        options["max_pixels"] = max_pixels
+    try:
+        result = run_inspection(model, args.inputs, out, expect=expect, device=device, **options)
+    except BundleError as error:
+        return fail(EXIT_MODEL, str(error))
+    except NoImagesError as error:
+        return fail(EXIT_NO_IMAGES, str(error))
+    except ValueError as error:  # e.g. an output folder that is not ours, a non-finite threshold
+        return fail(EXIT_USAGE, str(error))
+    summary = result.summary
+    rejected = f", {summary['n_rejected']} unreadable (see {out / 'rejects.csv'})" if summary["n_rejected"] else ""
+    version = f" with model {summary['model_version']}" if summary.get("model_version") else ""
+    print(
+        f"fsad-inspect: {summary['n_images']} images, {summary['n_ng']} NG{rejected}, "
+        f"{summary['seconds']:.1f} s, {summary['images_per_second']:.2f} img/s{version} -> {out / 'predictions.csv'}"
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(inspect_main())

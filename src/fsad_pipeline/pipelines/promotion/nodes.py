@@ -1,0 +1,44 @@
+"""Thin node over ``fsad_pipeline.scoring.model_store``: promote the current run's model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fsad_pipeline.data.manifest import manifest_fingerprint
+from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.model_store import ModelStore, export_and_promote
+from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+
+
+def promote_model(
+    dfd_model: DFDScorer,
+    patch_scorers: PatchScorerSet,
+    fusion: dict,
+    support_images: np.ndarray,
+    metrics: dict,
+    manifest: pd.DataFrame,
+    config_version: int,
+    winclip: dict,
+    model_store: dict,
+    promotion: dict,
+) -> dict:
+    """Bundle the run's models with its metrics and data fingerprint and make them the champion.
+
+    No comparison happens here (that is the retraining job's decision): an existing champion
+    is only replaced when ``promotion.replace_champion`` is true, and it stays in the store.
+    """
+    entry = export_and_promote(
+        ModelStore(model_store["root"]),
+        {"kind": "manual", "reason": promotion["reason"], "image_auroc": metrics.get("image_auroc")},
+        replace_champion=bool(promotion["replace_champion"]),
+        dfd_model=dfd_model,
+        patch_scorers=patch_scorers,
+        fusion=fusion,
+        support_images=support_images,
+        config_version=int(config_version),
+        winclip=winclip,
+        metrics=metrics,
+        data_fingerprint=manifest_fingerprint(manifest),
+    )
+    return {**entry.record, "path": str(entry.path)}

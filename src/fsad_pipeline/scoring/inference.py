@@ -1,0 +1,274 @@
+"""Inspecting new images with a promoted model bundle: verdict, score, overlay, defect type.
+
+:func:`inspect_images` is the one function behind both the ``inference`` Kedro pipeline and the
+``fsad-inspect`` command. It streams the images chunk by chunk (nothing scales with the number
+of images but the table), lists unreadable files instead of stopping, and writes one run folder::
+
+    <out>/
+      predictions.csv    one row per scored image: verdict (OK/NG), pred_label, pred_score,
+                         threshold, each scorer's score, overlay file, original size, and the
+                         defect type columns when the bundle has a classifier
+      rejects.csv        path, reason for every input that could not be read
+      summary.json       model, threshold, counts, seconds, images/s
+      overlays/          NNNNN_<stem>.png: the image with its anomaly map and verdict
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fsad_pipeline.artifacts import atomic_directory, write_json, write_png
+from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, is_image_file
+from fsad_pipeline.evaluation.figures import heatmap_overlay_image
+from fsad_pipeline.scoring.batch import ScoredChunk, iter_scored_chunks
+from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS, ModelBundle
+
+PREDICTIONS_FILE = "predictions.csv"
+REJECTS_FILE = "rejects.csv"
+SUMMARY_FILE = "summary.json"
+OVERLAY_DIR = "overlays"
+REJECT_COLUMNS = ["path", "reason"]
+VERDICTS = {0: "OK", 1: "NG"}
+
+
+class NoImagesError(ValueError):
+    """Nothing to inspect: no image file among the inputs, or none of them could be read."""
+
+
+@dataclass
+class InspectionResult:
+    predictions: pd.DataFrame
+    rejects: pd.DataFrame
+    summary: dict
+    output_dir: Path
+
+
+def _folder_images(folder: Path, recursive: bool, skip: Path | None) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in candidates:
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative[:-1]) or not is_image_file(path):
+            continue  # hidden folders (staging dirs, .git) are not inputs
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue  # an earlier run's overlays inside the inbox are not new images
+        found.append(path)
+    return sorted(found)
+
+
+def collect_image_paths(
+    inputs: str | Path | Sequence[str | Path], *, recursive: bool = True, exclude: str | Path | None = None
+) -> tuple[list[str], list[dict]]:
+    """Expand folders and files into image paths (sorted per folder, duplicates dropped).
+
+    A file named directly is always taken (the reader decides whether it is an image); a
+    folder contributes its files with an image suffix, hidden files and folders and anything
+    under ``exclude`` (the run's output folder) left out. Inputs that do not exist come back
+    as rejects.
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    paths: list[str] = []
+    rejects: list[dict] = []
+    seen: set[str] = set()
+    for item in items:
+        item = Path(item)
+        if item.is_dir():
+            found = _folder_images(item, recursive, skip)
+        elif item.exists():
+            found = [item]
+        else:
+            rejects.append({"path": str(item), "reason": "does not exist"})
+            continue
+        for path in found:
+            key = str(path.resolve())
+            if key not in seen:
+                seen.add(key)
+                paths.append(str(path))
+    return paths, rejects
+
+
+def _no_image_files(inputs: str | Path | Sequence[str | Path]) -> NoImagesError:
+    where = ", ".join(str(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)) or "(nothing given)"
+    return NoImagesError(f"no image files found in {where}")
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier inspection output."""
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not (output_dir / SUMMARY_FILE).exists())):
+        raise ValueError(
+            f"refusing to write into {output_dir}: it exists and is not an earlier inspection output "
+            f"(no {SUMMARY_FILE}); choose an empty or new folder"
+        )
+
+
+def _overlay_size(original: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    height, width = original
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _classify(bundle: ModelBundle, chunk: ScoredChunk, flagged: np.ndarray) -> dict[str, np.ndarray] | None:
+    if bundle.classifier is None:
+        return None
+    columns = {
+        "pred_defect_type": np.full(len(chunk), "", dtype=object),
+        "pred_defect_probability": np.full(len(chunk), np.nan),
+        "runner_up_defect_type": np.full(len(chunk), "", dtype=object),
+    }
+    if flagged.any():
+        predicted = bundle.classifier.predict(chunk.images[flagged], np.asarray(chunk.fused["anomaly_map"])[flagged])
+        for name in CLASSIFIER_COLUMNS:
+            values = np.asarray(predicted[name])
+            if values.shape[0] != int(flagged.sum()):
+                raise ValueError(f"the defect classifier returned {values.shape[0]} {name} for {int(flagged.sum())} images")
+            columns[name][flagged] = values
+    return columns
+
+
+def inspect_images(
+    bundle: ModelBundle,
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    recursive: bool = True,
+    overlays: bool = True,
+    overlay_max_side: int | None = 512,
+    overlay_alpha: float = 0.5,
+    progress: bool = True,
+) -> InspectionResult:
+    """Score every image under ``inputs`` with ``bundle`` and write the run folder ``output_dir``.
+
+    ``threshold`` overrides the bundle's calibrated one. The folder is written atomically
+    (replacing an earlier inspection output there). Raises :class:`NoImagesError` when no input
+    is an image file, or (after writing ``rejects.csv``) when none could be read.
+    """
+    output_dir = Path(output_dir)
+    paths, rejects = collect_image_paths(inputs, recursive=recursive, exclude=output_dir)
+    if not paths:
+        raise _no_image_files(inputs)
+    if threshold is None:
+        decision, source = float(bundle.threshold["threshold"]), "model"
+    else:
+        decision, source = float(threshold), "override"
+    if not math.isfinite(decision):
+        raise ValueError(f"the threshold must be a finite number, got {decision}")
+    _check_output_dir(output_dir)
+    ensemble = bundle.ensemble()
+    names = list(bundle.fusion.scorers)
+    rows: list[pd.DataFrame] = []
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    with atomic_directory(output_dir) as staging:
+        for chunk in iter_scored_chunks(
+            ensemble, paths, chunk_size=int(batch_size), max_pixels=int(max_pixels), skip_bad=True,
+            progress=progress, desc="inspecting",
+        ):
+            rejects.extend(chunk.rejects)
+            if not len(chunk):
+                continue
+            scores = np.asarray(chunk.fused["pred_score"], dtype=np.float64)
+            labels = (scores >= decision).astype(int)
+            defect = _classify(bundle, chunk, labels == 1)
+            table = pd.DataFrame(
+                {
+                    "path": chunk.paths,
+                    "verdict": [VERDICTS[int(v)] for v in labels],
+                    "pred_label": labels,
+                    "pred_score": scores,
+                    "threshold": decision,
+                    **{f"score_{n}": np.asarray(chunk.per_scorer[n]["pred_score"], np.float64) for n in names},
+                    **(defect or {}),
+                    "width": [w for _, w in chunk.original_sizes],
+                    "height": [h for h, _ in chunk.original_sizes],
+                    "overlay": "",
+                }
+            )
+            if overlays:
+                files = []
+                for row, index in enumerate(chunk.indices):
+                    relative = f"{OVERLAY_DIR}/{int(index):05d}_{Path(chunk.paths[row]).stem}.png"
+                    caption = f"{table['verdict'].iat[row]} {scores[row]:.3f}"
+                    if defect is not None and labels[row] == 1:
+                        caption += f" {defect['pred_defect_type'][row]}"
+                    image = heatmap_overlay_image(
+                        chunk.images[row], chunk.fused["anomaly_map"][row], alpha=float(overlay_alpha),
+                        size=_overlay_size(chunk.original_sizes[row], overlay_max_side), caption=caption,
+                    )
+                    write_png(staging / relative, image)
+                    files.append(relative)
+                table["overlay"] = files
+            rows.append(table)
+        seconds = time.perf_counter() - started
+        predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["path", "verdict", "pred_label", "pred_score"])
+        rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+        promotion = bundle.promotion or {}
+        n_images = int(len(predictions))
+        n_ng = int((predictions["pred_label"] == 1).sum()) if n_images else 0
+        summary = {
+            "model": str(bundle.root),
+            "model_resolved": str(bundle.root.resolve()),
+            "model_version": promotion.get("version"),
+            "backbone": bundle.backbone,
+            "image_size": bundle.image_size,
+            "config_version": bundle.manifest.get("config_version"),
+            "scorers": names,
+            "threshold": decision,
+            "threshold_source": source,
+            "threshold_method": bundle.threshold.get("method") if source == "model" else "override",
+            "classifier": bundle.classifier is not None,
+            "n_images": n_images,
+            "n_ng": n_ng,
+            "n_ok": n_images - n_ng,
+            "n_rejected": int(len(rejects_frame)),
+            "seconds": seconds,
+            "images_per_second": n_images / seconds if seconds > 0 else float("nan"),
+            "started": started_at,
+            "files": {"predictions": PREDICTIONS_FILE, "rejects": REJECTS_FILE, "overlays": OVERLAY_DIR if overlays else None},
+        }
+        predictions.to_csv(staging / PREDICTIONS_FILE, index=False)
+        rejects_frame.to_csv(staging / REJECTS_FILE, index=False)
+        write_json(staging / SUMMARY_FILE, json.loads(json.dumps(summary, default=float)))
+    if n_images == 0:
+        raise NoImagesError(
+            f"none of the {len(paths)} image file(s) could be read; see {output_dir / REJECTS_FILE}"
+        )
+    return InspectionResult(predictions, rejects_frame, summary, output_dir)
+
+
+def run_inspection(
+    model_dir: str | Path,
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    expect: dict | None = None,
+    device: str = "auto",
+    **options,
+) -> InspectionResult:
+    """Load the bundle at ``model_dir`` (refusing a mismatch with ``expect``) and inspect ``inputs``.
+
+    The one entry point of the ``inference`` pipeline and ``fsad-inspect``; ``options`` go to
+    :func:`inspect_images`. Input problems are found before the (slow) model load.
+    """
+    from fsad_pipeline.scoring.model_bundle import load_bundle, verify_bundle
+
+    if not collect_image_paths(inputs, recursive=options.get("recursive", True), exclude=output_dir)[0]:
+        raise _no_image_files(inputs)
+    _check_output_dir(Path(output_dir))
+    verify_bundle(model_dir, expect, check_files=False)  # cheap refusal before the checksums and the load
+    bundle = load_bundle(model_dir, expect, device=device)
+    return inspect_images(bundle, inputs, output_dir, **options)
