@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from fsad_pipeline.evaluation.figures import (
-    heatmap_overlay,
+    heatmap_overlay_image,
     heatmap_overlay_grid,
     metric_bar_figure,
     pr_figure,
@@ -136,14 +136,14 @@ def test_heatmap_overlay_blends_a_fixed_colour_scale():
     image = np.full((16, 16, 3), 128, np.uint8)
     anomaly_map = np.zeros((4, 4), np.float32)  # smaller than the image: resized
     anomaly_map[2:, 2:] = 1.0
-    overlay = heatmap_overlay(image, anomaly_map, vmin=0.0, vmax=1.0, alpha=0.5)
+    overlay = heatmap_overlay_image(image, anomaly_map, vmin=0.0, vmax=1.0, alpha=0.5)
     assert overlay.shape == (16, 16, 3) and overlay.dtype == np.uint8
     cold, hot = overlay[0, 0].astype(int), overlay[15, 15].astype(int)
     assert cold[2] > cold[0] + 40 and hot[0] > hot[2] + 40  # jet: blue at vmin, red at vmax
     # A fixed scale: the same map value gives the same colour whatever else the map holds.
-    other = heatmap_overlay(image, np.full((4, 4), 1.0, np.float32), vmin=0.0, vmax=1.0, alpha=0.5)
+    other = heatmap_overlay_image(image, np.full((4, 4), 1.0, np.float32), vmin=0.0, vmax=1.0, alpha=0.5)
     np.testing.assert_array_equal(other[15, 15], overlay[15, 15])
     # Without a scale, the map's own range is used; alpha 0 leaves the image untouched.
-    np.testing.assert_array_equal(heatmap_overlay(image, anomaly_map, alpha=0.0), image)
-    grey = heatmap_overlay(np.full((8, 8), 0.5, np.float32), np.ones((8, 8)), vmin=0.0, vmax=2.0)
+    np.testing.assert_array_equal(heatmap_overlay_image(image, anomaly_map, alpha=0.0), image)
+    grey = heatmap_overlay_image(np.full((8, 8), 0.5, np.float32), np.ones((8, 8)), vmin=0.0, vmax=2.0)
     assert grey.shape == (8, 8, 3)

@@ -24,7 +24,6 @@ from fsad_pipeline.evaluation.metrics import image_auroc
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "heatmap_overlay",
     "heatmap_overlay_grid",
     "heatmap_overlay_image",
     "metric_bar_figure",
@@ -233,32 +232,6 @@ def score_histogram_figure(
 # --------------------------------------------------------------------------- #
 # single images
 # --------------------------------------------------------------------------- #
-def heatmap_overlay(
-    image: Any,
-    anomaly_map: Any,
-    *,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-) -> np.ndarray:
-    """One image with its colour-mapped anomaly map blended on top, as ``H×W×3`` uint8.
-
-    The same colours as :func:`heatmap_overlay_grid`, but as pixels rather than a figure, so
-    reports and inference outputs can embed or save one overlay per image. The map is resized
-    to the image; ``vmin``/``vmax`` (default: the map's own min/max) fix the colour scale so
-    overlays of different images are comparable.
-    """
-    rgb = _to_rgb_uint8(image)
-    values = _to_2d_float(anomaly_map, *rgb.shape[:2])
-    low = float(values.min()) if vmin is None else float(vmin)
-    high = float(values.max()) if vmax is None else float(vmax)
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colours = matplotlib.colormaps[cmap](scaled)[..., :3] * 255.0
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------- #
 # image grids
 # --------------------------------------------------------------------------- #
@@ -322,8 +295,8 @@ def heatmap_overlay_image(
     image: Any,
     anomaly_map: Any,
     *,
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
     alpha: float = 0.5,
     size: tuple[int, int] | None = None,
     caption: str | None = None,
@@ -333,16 +306,18 @@ def heatmap_overlay_image(
 
     Per-image PNGs for inference need to be cheap, so this draws with OpenCV. ``size`` is the
     output (height, width), e.g. the original aspect ratio of the file; the map is clipped to
-    ``[vmin, vmax]`` so colours mean the same in every image. ``caption`` is written on a dark
-    band at the top (e.g. ``"NG 0.83"``).
+    ``[vmin, vmax]`` so colours mean the same in every image (``None``: the map's own min/max).
+    ``caption`` is written on a dark band at the top (e.g. ``"NG 0.83"``). Reports, inference
+    outputs and the notebook all use this one overlay.
     """
     rgb = _to_rgb_uint8(image)
     height, width = size if size is not None else rgb.shape[:2]
     if rgb.shape[:2] != (height, width):
         rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
     values = _to_2d_float(anomaly_map, height, width)
-    span = max(float(vmax) - float(vmin), 1e-12)
-    scaled = np.clip((values - float(vmin)) / span, 0.0, 1.0)
+    low = float(values.min()) if vmin is None else float(vmin)
+    high = float(values.max()) if vmax is None else float(vmax)
+    scaled = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     blended = cv2.addWeighted(rgb, 1.0 - alpha, heat, alpha, 0.0)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fsad_pipeline import artifacts
 from fsad_pipeline.data.images import BadImageError, resize_image
 from fsad_pipeline.data.sampling import load_images
-from fsad_pipeline.evaluation.figures import heatmap_overlay
+from fsad_pipeline.evaluation.figures import heatmap_overlay_image
 
 __all__ = ["render_html_report", "save_html_report"]
 
@@ -385,7 +385,7 @@ def _images_section(
             cells.append(f'<td><img src="{thumb}" width="{width}" height="{height}" alt="{name}">{file_div}</td>')
             if anomaly_maps is not None:
                 low, high = map_range
-                overlay = heatmap_overlay(image, anomaly_maps[index], vmin=low, vmax=high)
+                overlay = heatmap_overlay_image(image, anomaly_maps[index], vmin=low, vmax=high)
                 uri = _data_uri(_jpeg(resize_image(overlay, thumb_shape), jpeg_quality), "image/jpeg")
                 cells.append(f'<td><img src="{uri}" width="{width}" height="{height}" alt="heat map of {name}"></td>')
         cells.append(f'<td class="num">{_esc(_fmt(scores.iloc[index]))}</td>')
