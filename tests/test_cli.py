@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fsad_pipeline.cli import EXIT_MODEL, EXIT_NO_IMAGES, EXIT_OK, EXIT_USAGE, inspect_main
+from fsad_pipeline.console import EXIT_MODEL, EXIT_NO_IMAGES, EXIT_OK, EXIT_USAGE, inspect_main
 from fsad_pipeline.scoring.model_bundle import export_bundle
 from fsad_pipeline.scoring.model_store import ModelStore
 
@@ -65,7 +65,7 @@ def _project(root: Path, **params) -> Path:
 def test_fsad_inspect_is_a_registered_console_script():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fsad-inspect"] == "fsad_pipeline.cli:inspect_main"
+    assert scripts["fsad-inspect"] == "fsad_pipeline.console:inspect_main"
 
 
 def test_scores_a_folder_and_lists_the_unreadable_file(bundle_dir, inbox, elsewhere, capsys):
@@ -138,6 +138,6 @@ def test_bad_usage_exits_2(bundle_dir, inbox, elsewhere, capsys):
 
 def test_the_process_exit_status_reaches_the_shell(inbox, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "fsad_pipeline.cli", str(inbox), "--model", str(tmp_path / "nope")],
+    done = subprocess.run([sys.executable, "-m", "fsad_pipeline.console", str(inbox), "--model", str(tmp_path / "nope")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_MODEL and "fsad-inspect: error: no model at" in done.stderr

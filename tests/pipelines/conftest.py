@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -75,3 +82,82 @@ def tiny_project(tmp_path: Path, datasets, monkeypatch) -> TinyProject:
         project.set_params(file_name, update)
     monkeypatch.chdir(root)  # relative catalog paths resolve inside the copy
     return project
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny project as a git + DVC repository (tests of `dvc repro` and `fsad-retrain`)
+# --------------------------------------------------------------------------------------------
+VENV_BIN = Path(sys.executable).parent
+
+
+class DvcRepo:
+    """A tiny project turned into a git + DVC repository; runs dvc/git with the venv's tools."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `dvc` and the stages' `kedro`
+            "PYTHONPATH": str(root / "src"),
+            "DVC_NO_ANALYTICS": "1",
+            "DO_NOT_TRACK": "1",
+            "KEDRO_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.seconds: dict[str, float] = {}
+
+    def run(self, *args: str, label: str | None = None) -> str:
+        start = time.perf_counter()
+        result = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if label:
+            self.seconds[label] = round(time.perf_counter() - start, 1)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+        return output
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-q", "-m", message)
+
+    def repro(self, label: str) -> list[str]:
+        """Run `dvc repro`; return the stages that ran, in order."""
+        return re.findall(r"Running stage '(\w+)'", self.run("dvc", "repro", label=label))
+
+    def status(self) -> dict:
+        return json.loads(self.run("dvc", "status", "--json"))
+
+    def outputs(self) -> list[Path]:
+        lock = yaml.safe_load((self.root / "dvc.lock").read_text())
+        return [self.root / out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+
+    def data_digests(self) -> dict[str, str]:
+        """sha256 of every file under data/."""
+        return {
+            str(path.relative_to(self.root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted((self.root / "data").rglob("*"))
+            if path.is_file()
+        }
+
+
+@pytest.fixture
+def dvc_repo(tiny_project) -> DvcRepo:
+    if shutil.which("git") is None or not (VENV_BIN / "dvc").exists():
+        pytest.skip("needs git and the venv's dvc")
+    root = tiny_project.root
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    (root / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / ".dvc" / name, root / ".dvc" / name)
+    shutil.rmtree(root / "src")  # the code deps of dvc.yaml must exist: the package source, not a stub
+    shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in (PROJECT_ROOT / "data").iterdir():
+        if folder.is_dir():
+            (root / "data" / folder.name).mkdir(parents=True, exist_ok=True)
+            (root / "data" / folder.name / ".gitkeep").touch()
+    repo = DvcRepo(root)
+    repo.run("git", "init", "-q")
+    repo.run("git", "config", "user.email", "test@example.com")
+    repo.run("git", "config", "user.name", "test")
+    repo.commit("tiny project")
+    return repo

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fsad_pipeline.cli import EXIT_MODEL, EXIT_OK, inspect_main
+from fsad_pipeline.console import EXIT_MODEL, EXIT_OK, inspect_main
 from fsad_pipeline.scoring.model_bundle import BundleMismatchError
 from fsad_pipeline.scoring.model_store import ModelStore, StoreError
 

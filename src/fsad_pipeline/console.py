@@ -1,5 +1,8 @@
 """Command-line entry points; thin wrappers over the core (no logic of their own).
 
+(Not named ``cli.py``: Kedro treats ``<package>/cli.py`` as a project CLI plugin that must define
+``cli``, and every ``kedro`` command fails to start otherwise.)
+
 ``fsad-inspect <folder or files...> [--model DIR] [--out DIR] [--threshold X] [--batch-size N]``
 scores new images with the promoted model through the same function as the ``inference``
 pipeline (:func:`fsad_pipeline.scoring.inference.run_inspection`).
@@ -136,3 +139,52 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(inspect_main())
+
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: another retraining run holds the lock; try again later
+
+
+def retrain_main(argv: Sequence[str] | None = None) -> int:
+    """``fsad-retrain``: retrain on new data, promote only if not worse (see :mod:`fsad_pipeline.retrain`).
+
+    Exit status: 0 nothing to do / promoted / rejected (the decision record says which),
+    1 a step failed (champion untouched), 75 another run holds the lock.
+    """
+    parser = argparse.ArgumentParser(
+        prog="fsad-retrain",
+        description="Detect new raw data, retrain with `dvc repro`, compare challenger and champion on the "
+        "frozen validation set, promote only if not worse; a JSON decision record is written either way.",
+    )
+    parser.add_argument("--project", type=Path, default=Path.cwd(), help="the Kedro/DVC project (default: here)")
+    parser.add_argument("--force", action="store_true", help="retrain even if the raw data did not change")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="promote when challenger AUROC >= champion AUROC - tolerance (default 0: not worse)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rollback", action="store_true", help="make the previous champion current again")
+    parser.add_argument("--to", default=None, help="with --rollback: the version to restore (e.g. v0002)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from fsad_pipeline.retrain import OUTCOME_EXIT, retrain, rollback
+    from fsad_pipeline.scoring.champion_challenger import RetrainBusy
+    from fsad_pipeline.scoring.model_store import StoreError
+
+    if args.rollback:
+        try:
+            result = rollback(args.project, to=args.to)
+        except StoreError as error:
+            print(f"fsad-retrain: {error}", file=sys.stderr)
+            return EXIT_MODEL
+        print(f"fsad-retrain: rolled back; champion is now {result['champion']}")
+        return EXIT_OK
+    try:
+        record = retrain(args.project, force=args.force, tolerance=args.tolerance, device=args.device)
+    except RetrainBusy as error:
+        print(f"fsad-retrain: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    outcome = record["outcome"]
+    if outcome == "nothing_to_do":
+        print("fsad-retrain: nothing to do (raw data unchanged since the champion)")
+    else:
+        print(f"fsad-retrain: {outcome}: {record.get('reason')} -> {record.get('record_path')}")
+    return OUTCOME_EXIT[outcome]
