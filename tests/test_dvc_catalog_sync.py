@@ -323,3 +323,28 @@ def test_checks_catch_drift(monkeypatch):
         test_every_dvc_param_exists_in_its_file()
     with pytest.raises(AssertionError, match="declared twice"):
         test_every_file_output_of_the_dfd_pipeline_is_tracked_once()
+
+
+# --- the fleet's dataset factories ---------------------------------------------------------------
+
+
+def _file_entries(file_name: str) -> dict[str, dict]:
+    catalog = yaml.safe_load((CONF / file_name).read_text())
+    return {name: entry for name, entry in catalog.items() if isinstance(entry, dict) and "filepath" in entry}
+
+
+def test_every_file_backed_dfd_dataset_has_its_fleet_factory():
+    """The fleet pipeline namespaces the dfd chain per category: each file-backed dfd dataset needs a
+    ``{category}.<name>`` factory (same type and options, the file under ``data/<layer>/{category}/``),
+    or the fleet would silently keep it in memory. Fleet outputs are not DVC stages (the categories
+    are only known at run time), so they are checked here instead of against dvc.yaml."""
+    dfd = _file_entries("catalog.yml")
+    fleet = _file_entries("catalog_fleet.yml")
+    for name, entry in dfd.items():
+        factory = fleet.get(f"{{category}}.{name}")
+        assert factory is not None, f"catalog_fleet.yml lacks '{{category}}.{name}'"
+        layer, rest = entry["filepath"].split("/", 2)[1:]
+        assert factory["filepath"] == f"data/{layer}/{{category}}/{rest}", name
+        assert {k: v for k, v in factory.items() if k != "filepath"} == {k: v for k, v in entry.items() if k != "filepath"}, name
+    extra = {n for n in fleet if n.startswith("{category}.")} - {f"{{category}}.{n}" for n in dfd}
+    assert not extra, f"fleet factories without a dfd dataset: {sorted(extra)}"

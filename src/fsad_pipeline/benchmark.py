@@ -7,6 +7,14 @@ child's peak RSS (its whole process tree) is sampled while it runs. Results go t
 
     python -m fsad_pipeline.benchmark --ks 1 2 4 --seeds 0 1 2
     python -m fsad_pipeline.benchmark --ks 2 --seeds 0 --params dfd.meta_epochs=10
+
+``--fleet`` instead times the ``fleet`` pipeline over 2 and 4 categories (``--fleet-sizes``), once
+with the SequentialRunner and once with the DaskRunner on a LocalCluster of 2 single-thread worker
+processes: wall seconds, speed-up and the peak RSS of every worker process. Categories are
+pseudo-categories of the built-in textile data (disjoint image blocks), or with ``--fleet-root``
+the first categories of an MVTec-layout folder (e.g. ../shared/data/base_categories).
+
+    python -m fsad_pipeline.benchmark --fleet --fleet-sizes 2 4
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +151,147 @@ def micro_benchmarks(*, bank_size: int = 100_000, dim: int = 152, queries: int =
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# Fleet: SequentialRunner vs DaskRunner
+# --------------------------------------------------------------------------------------------
+
+#: Small settings for the fleet benchmark (a category in well under a minute on 2 cores); the
+#: textile pseudo-categories take 10 support-pool, 20 good and 2 x 10 defect test images each.
+FLEET_SMALL_PARAMS = ",".join(
+    [
+        "image_size=128",
+        "data.textile.n_train_good=10",
+        "data.textile.n_test_good=20",
+        "data.textile.n_test_per_defect=10",
+        "synthesis.n_per_image=10",
+        "synthesis.validation.n_per_image=5",
+        "dfd.meta_epochs=3",
+        "dfd.epochs=1",
+        "fusion.n_trials=50",
+    ]
+)
+FLEET_DASK_RUNNER = "fsad_pipeline.runners.DaskRunner"
+
+
+def _is_dask_worker(process: psutil.Process) -> bool:
+    """LocalCluster worker processes are multiprocessing children (not its resource tracker)."""
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return "multiprocessing" in command and "resource_tracker" not in command
+
+
+def run_fleet_once(workdir: Path, params: str, *, dask_workers: int | None, log_path: Path | None = None) -> dict:
+    """One ``kedro run --pipelines=fleet`` (DaskRunner with ``dask_workers`` single-thread workers,
+    or the SequentialRunner when ``None``): wall seconds and peak RSS of the run and of each worker."""
+    command = [sys.executable, "-m", "kedro", "run", "--pipelines=fleet", f"--params={params}"]
+    if dask_workers:
+        command += [f"--runner={FLEET_DASK_RUNNER}", f"--runner-params=n_workers={dask_workers},threads_per_worker=1"]
+    env = {**os.environ, "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+    env.pop("DASK_SCHEDULER_ADDRESS", None)  # always this machine's LocalCluster
+    started = time.perf_counter()
+    peaks: dict[int, int] = {}
+    workers: set[int] = set()
+    total_peak = 0
+    with open(log_path or os.devnull, "w") as log:
+        child = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        driver = psutil.Process(child.pid)
+        while child.poll() is None:
+            total = 0
+            try:
+                processes = [driver, *driver.children(recursive=True)]
+            except psutil.Error:
+                processes = []
+            for proc in processes:
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                total += rss
+                peaks[proc.pid] = max(peaks.get(proc.pid, 0), rss)
+                if proc.pid != child.pid and proc.pid not in workers and _is_dask_worker(proc):
+                    workers.add(proc.pid)
+            total_peak = max(total_peak, total)
+            time.sleep(0.25)
+    wall = time.perf_counter() - started
+    if child.returncode != 0:
+        raise RuntimeError(f"fleet run failed ({'dask' if dask_workers else 'sequential'}); see {log_path}")
+    table = pd.read_csv(workdir / "data" / "08_reporting" / "fleet" / "fleet_metrics.csv")
+    worker_peaks = [peaks[pid] / 2**30 for pid in sorted(workers)] if dask_workers else [peaks.get(child.pid, 0) / 2**30]
+    return {
+        "runner": "DaskRunner" if dask_workers else "SequentialRunner",
+        "workers": dask_workers or 1,
+        "categories": table["category"].tolist(),
+        "image_auroc": table["image_auroc"].tolist(),
+        "wall_seconds": wall,
+        "driver_peak_rss_gib": peaks.get(child.pid, 0) / 2**30,
+        "worker_peak_rss_gib": worker_peaks,
+        "total_peak_rss_gib": total_peak / 2**30,
+    }
+
+
+def _write_fleet_conf(workdir: Path, fleet: dict) -> None:
+    """The fleet block for this size, as the scratch project's local configuration."""
+    import yaml
+
+    local = workdir / "conf" / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "parameters_fleet.yml").write_text(yaml.safe_dump({"fleet": fleet}))
+
+
+def fleet_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| categories | runner | workers | wall s | speed-up | s per category | peak RSS per worker GiB | peak RSS all GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        per_worker = ", ".join(f"{v:.2f}" for v in row["worker_peak_rss_gib"])
+        lines.append(
+            f"| {len(row['categories'])} | {row['runner']} | {row['workers']} | {row['wall_seconds']:.1f} | "
+            f"{row.get('speed_up', 1.0):.2f} | {row['wall_seconds'] / len(row['categories']):.1f} | {per_worker} | "
+            f"{row['total_peak_rss_gib']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fleet_benchmark(
+    sizes: list[int], *, out: Path, scratch: Path, extra_params: str = "", root: Path | None = None, workers: int = 2
+) -> list[dict]:
+    """Sequential vs Dask over each fleet size; rows written to ``out/fleet_benchmark.{json,md}``."""
+    workdir = make_workdir(scratch)
+    params = ",".join(p for p in (FLEET_SMALL_PARAMS, extra_params) if p)
+    if root is not None:
+        available = sorted(p.name for p in Path(root).iterdir() if (p / "train" / "good").is_dir())
+        if len(available) < max(sizes):
+            raise ValueError(f"{root} holds {len(available)} categories, the benchmark asks for {max(sizes)}")
+        params += f",data.source=mvtec,data.root={Path(root).resolve()}"
+    rows: list[dict] = []
+    for size in sizes:
+        fleet = {"categories": available[:size] if root is not None else "auto", "textile_parts": size, "data_overrides": {}}
+        _write_fleet_conf(workdir, fleet)
+        # Untimed: materialise the textile pseudo-categories (ingestion only) so both runs read the same files.
+        warm = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipelines=fleet", "--tags=ingestion",
+                               f"--params={params}"], cwd=workdir, capture_output=True, text=True,
+                              env={**os.environ, "DO_NOT_TRACK": "1"})
+        if warm.returncode != 0:
+            raise RuntimeError(f"fleet ingestion failed:\n{warm.stdout[-3000:]}{warm.stderr[-3000:]}")
+        pair = []
+        for dask_workers in (None, workers):
+            name = f"fleet_{size}_{'dask' if dask_workers else 'sequential'}"
+            print(f"[benchmark] fleet of {size}, {name.split('_')[-1]} ...", flush=True)
+            row = run_fleet_once(workdir, params, dask_workers=dask_workers, log_path=out / f"{name}.log")
+            print(f"[benchmark] {name}: {row['wall_seconds']:.1f} s, peak RSS per worker "
+                  f"{[round(v, 2) for v in row['worker_peak_rss_gib']]} GiB", flush=True)
+            pair.append(row)
+        pair[1]["speed_up"] = pair[0]["wall_seconds"] / pair[1]["wall_seconds"]
+        rows.extend(pair)
+        payload = {"params": params, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "rows": rows}
+        (out / "fleet_benchmark.json").write_text(json.dumps(payload, indent=2))
+        (out / "fleet_benchmark.md").write_text(fleet_markdown(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
@@ -151,7 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "08_reporting" / "benchmark")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch project folder (default: a temp dir)")
     parser.add_argument("--micro-only", action="store_true", help="only the coreset / kNN micro-benchmarks")
+    parser.add_argument("--fleet", action="store_true", help="time the fleet pipeline: SequentialRunner vs DaskRunner")
+    parser.add_argument("--fleet-sizes", type=int, nargs="+", default=[2, 4], help="categories per fleet run")
+    parser.add_argument("--fleet-workers", type=int, default=2, help="single-thread Dask worker processes")
+    parser.add_argument("--fleet-root", type=Path, default=None,
+                        help="MVTec-layout folder whose first categories form the fleet (default: textile pseudo-categories)")
     args = parser.parse_args(argv)
+
+    if args.fleet:
+        args.out.mkdir(parents=True, exist_ok=True)
+        scratch = args.workdir or Path(tempfile.mkdtemp(prefix="fsad-fleet-benchmark-"))
+        scratch.mkdir(parents=True, exist_ok=True)
+        rows = fleet_benchmark(args.fleet_sizes, out=args.out, scratch=scratch, extra_params=args.params,
+                               root=args.fleet_root, workers=args.fleet_workers)
+        print(fleet_markdown(rows))
+        return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     micro = micro_benchmarks()

@@ -54,14 +54,14 @@ class TinyProject:
         params = yaml.safe_load(path.read_text()) if path.exists() else {}
         path.write_text(yaml.safe_dump(deep_update(params or {}, update)))
 
-    def run(self, pipelines: list[str] | str, params: dict | None = None) -> dict:
+    def run(self, pipelines: list[str] | str, params: dict | None = None, runner=None) -> dict:
         from kedro.framework.session import KedroSession
         from kedro.framework.startup import bootstrap_project
 
         bootstrap_project(self.root)
         names = [pipelines] if isinstance(pipelines, str) else pipelines
         with KedroSession.create(project_path=self.root, runtime_params=params or {}) as session:
-            return session.run(pipeline_names=names)
+            return session.run(pipeline_names=names, runner=runner)
 
     def path(self, relative: str) -> Path:
         return self.root / relative

@@ -142,6 +142,7 @@ def materialise_textile(
     n_train_good: int = 200,
     n_test_good: int = 200,
     n_test_per_defect: int = 100,
+    part: int = 0,
     source_dir: str | Path | None = None,
 ) -> Path:
     """Copy the conformal-clip-data textile images into the MVTec layout under ``root/category``.
@@ -150,6 +151,9 @@ def materialise_textile(
     ``[0, n_train_good)`` go to ``train/good`` (the support pool), the next ``n_test_good`` to
     ``test/good``; the first ``n_test_per_defect`` of ``global`` and of ``local`` go to
     ``test/global`` and ``test/local``. The package ships no masks, so pixel metrics are skipped.
+    ``part`` > 0 takes the next disjoint block of every class instead (nominal files from
+    ``part * (n_train_good + n_test_good)``, defects from ``part * n_test_per_defect``): the
+    pseudo-categories of the fleet pipeline, so several "product lines" share no image.
     Re-running is cheap: files already present with the same size are not copied again.
     """
     source = Path(source_dir) if source_dir else _textile_package_dir()
@@ -157,16 +161,27 @@ def materialise_textile(
     for name, files in classes.items():
         if not files:
             raise LayoutError(f"textile source {source / name} holds no images")
-    if n_train_good + n_test_good > len(classes["nominal"]):
+    if part < 0:
+        raise ValueError(f"textile part must be >= 0, got {part}")
+    nominal_start = part * (n_train_good + n_test_good)
+    defect_start = part * n_test_per_defect
+    if nominal_start + n_train_good + n_test_good > len(classes["nominal"]):
         raise ValueError(
-            f"textile split asks for {n_train_good}+{n_test_good} nominal images, "
-            f"the package has {len(classes['nominal'])}"
+            f"textile split (part {part}) asks for nominal images {nominal_start}..."
+            f"{nominal_start + n_train_good + n_test_good - 1}, the package has {len(classes['nominal'])}"
         )
+    for name in ("global", "local"):
+        if defect_start + n_test_per_defect > len(classes[name]):
+            raise ValueError(
+                f"textile split (part {part}) asks for {name} images {defect_start}..."
+                f"{defect_start + n_test_per_defect - 1}, the package has {len(classes[name])}"
+            )
+    train_end = nominal_start + n_train_good
     plan = {
-        Path("train") / NORMAL: classes["nominal"][:n_train_good],
-        Path("test") / NORMAL: classes["nominal"][n_train_good : n_train_good + n_test_good],
-        Path("test") / "global": classes["global"][:n_test_per_defect],
-        Path("test") / "local": classes["local"][:n_test_per_defect],
+        Path("train") / NORMAL: classes["nominal"][nominal_start:train_end],
+        Path("test") / NORMAL: classes["nominal"][train_end : train_end + n_test_good],
+        Path("test") / "global": classes["global"][defect_start : defect_start + n_test_per_defect],
+        Path("test") / "local": classes["local"][defect_start : defect_start + n_test_per_defect],
     }
     target_root = Path(root) / category
     for sub, files in plan.items():
@@ -181,6 +196,28 @@ def materialise_textile(
             if not destination.exists() or destination.stat().st_size != file.stat().st_size:
                 shutil.copyfile(file, destination)
     return target_root
+
+
+def list_categories(source: str, root: str | Path) -> list[str]:
+    """The category folders under ``root`` that hold a ``source`` layout, sorted by name.
+
+    ``mvtec``: folders with ``train/good``; ``folder``: folders with ``good/``. Hidden folders are
+    skipped. The textile source has no folders to list (its images come from a package).
+    """
+    if source not in ("mvtec", "folder"):
+        raise ValueError(f"categories can be listed for the mvtec and folder sources, not {source!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"data.root {root} does not exist: no categories to list")
+    marker = Path("train") / NORMAL if source == "mvtec" else Path(NORMAL)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / marker).is_dir())
+    if not found:
+        seen = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise LayoutError(
+            f"no {source}-layout category under {root} (a category folder holds {marker}/; "
+            f"found: {', '.join(seen) or 'nothing'})"
+        )
+    return found
 
 
 def discover(source: str, root: str | Path, category: str, **options) -> list[ImageRecord]:

@@ -65,3 +65,28 @@ def curve_points(predictions: pd.DataFrame) -> dict:
     labels = predictions["gt_label"].to_numpy().astype(int)
     scores = predictions["pred_score"].to_numpy().astype(np.float64)
     return {"roc": roc_curve_points(labels, scores), "pr": pr_curve_points(labels, scores)}
+
+
+#: Leading columns of the fleet table (in this order, when present); the rest follow by name.
+FLEET_COLUMNS = (
+    "image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "n_images", "n_anomalous",
+    "k_shot", "seed", "backbone", "train_seconds", "score_images_per_second",
+)
+
+
+def fleet_metrics_table(metrics_by_category: dict[str, dict]) -> pd.DataFrame:
+    """One row per category from each category's ``metrics.json``: the fused scalars, then each
+    scorer's image AUROC (``image_auroc_<scorer>``) and the fused AUROC per defect type
+    (``image_auroc_type_<type>``; empty where a category has no such type)."""
+    rows = []
+    for category, metrics in metrics_by_category.items():
+        row: dict = {"category": category}
+        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None})
+        for name, scorer in (metrics.get("scorers") or {}).items():
+            row[f"image_auroc_{name}"] = scorer.get("image_auroc")
+        for defect_type, value in (metrics.get("image_auroc_per_defect_type") or {}).items():
+            row[f"image_auroc_type_{defect_type}"] = value
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    leading = ["category", *[c for c in FLEET_COLUMNS if c in table.columns]]
+    return table[leading + sorted(c for c in table.columns if c not in leading)]

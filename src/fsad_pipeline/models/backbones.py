@@ -15,9 +15,11 @@ Weights never come from the network:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,9 +441,40 @@ def build_backbone(
 
     Raises:
         BackboneWeightsUnavailable: ``pretrained`` and no weights could be found offline.
+
+    Pretrained backbones are built once per process and configuration, then copied: a fleet of
+    categories (or several stages in one worker) reads the weights once, and every caller still
+    owns its module. Random-weight backbones are drawn afresh every time.
     """
     spec = get_backbone_spec(name)
     indices = tuple(int(i) for i in (out_indices if out_indices is not None else spec.out_indices))
+    if not pretrained:
+        return _build_backbone(spec, pretrained=False, weights_path=weights_path, indices=indices)
+    weights_key = None
+    if weights_path is not None:
+        weights_file = Path(weights_path)
+        stat = weights_file.stat() if weights_file.is_file() else None
+        weights_key = (str(weights_file.resolve()), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+    key = (spec.name, weights_key, indices)
+    with _BACKBONE_CACHE_LOCK:
+        cached = _BACKBONE_CACHE.get(key)
+        if cached is None:
+            cached = _build_backbone(spec, pretrained=True, weights_path=weights_path, indices=indices)
+            _BACKBONE_CACHE[key] = cached
+        return copy.deepcopy(cached)
+
+
+_BACKBONE_CACHE: dict[tuple, FeatureBackbone] = {}
+_BACKBONE_CACHE_LOCK = threading.Lock()
+
+
+def _build_backbone(
+    spec: BackboneSpec,
+    *,
+    pretrained: bool,
+    weights_path: str | os.PathLike[str] | None,
+    indices: tuple[int, ...],
+) -> FeatureBackbone:
     classifier = _create_classifier(spec, pretrained=pretrained, weights_path=weights_path, allow_missing_head=True)
 
     features = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=indices)
