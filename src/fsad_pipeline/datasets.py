@@ -90,3 +90,26 @@ class NestedArraysDataset(_PathDataset):
 
     def save(self, data: dict) -> None:
         artifacts.save_nested_arrays(self._filepath, data)
+
+
+class EncoderRegistryDataset(_PathDataset):
+    """The encoder registry folder: ``save`` writes ``<filepath>/<encoder name>/`` atomically.
+
+    ``load`` returns ``{name: encoder.json contents}`` of every registered encoder; scorers load
+    an encoder by name through ``build_backbone("registered:<name>")``, not through the catalog.
+    """
+
+    def load(self) -> dict:
+        from fsad_pipeline.models.registration import ENCODER_CONFIG
+
+        if not self._filepath.is_dir():
+            return {}
+        return {
+            p.name: artifacts.read_json(p / ENCODER_CONFIG)
+            for p in sorted(self._filepath.iterdir())
+            if (p / ENCODER_CONFIG).is_file()
+        }
+
+    def save(self, data) -> None:
+        with artifacts.atomic_directory(self._filepath / data.name) as staging:
+            data.save(staging)

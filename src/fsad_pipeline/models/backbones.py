@@ -439,6 +439,10 @@ def build_backbone(
         weights_path: Local .pth/.pt/.safetensors checkpoint (timm or torchvision names).
         out_indices: timm feature stages; defaults to the spec's (layer2/layer3-equivalent).
 
+    A name ``registered:<name>`` (or ``registered:<folder>``) loads an encoder trained by the
+    ``base_training`` pipeline from the encoder registry instead; ``pretrained`` and
+    ``weights_path`` do not apply to it (see ``models/registration.py``).
+
     Raises:
         BackboneWeightsUnavailable: ``pretrained`` and no weights could be found offline.
 
@@ -446,6 +450,10 @@ def build_backbone(
     categories (or several stages in one worker) reads the weights once, and every caller still
     owns its module. Random-weight backbones are drawn afresh every time.
     """
+    if name.startswith("registered:"):
+        from .registration import load_registered_encoder  # imports this module: import lazily
+
+        return load_registered_encoder(name, out_indices=out_indices)
     spec = get_backbone_spec(name)
     indices = tuple(int(i) for i in (out_indices if out_indices is not None else spec.out_indices))
     if not pretrained:
