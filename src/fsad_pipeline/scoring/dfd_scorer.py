@@ -52,13 +52,21 @@ class FeatureConfig:
     target_dim: int = 128
     image_size: int = 256
     batch_size: int = 16
+    out_indices: list[int] | None = None  # backbone stages / ViT blocks; None: the backbone's default
+    input_size: int | None = None  # ViT backbones: internal resolution; None: the backbone's default
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def build_extractor(self) -> PatchFeatureExtractor:
-        backbone = build_backbone(self.backbone, pretrained=self.pretrained, weights_path=self.weights_path)
+        backbone = build_backbone(
+            self.backbone,
+            pretrained=self.pretrained,
+            weights_path=self.weights_path,
+            out_indices=None if self.out_indices is None else [int(i) for i in self.out_indices],
+            input_size=None if self.input_size is None else int(self.input_size),
+        )
         return PatchFeatureExtractor(
             backbone, patch_size=self.patch_size, pretrain_dim=self.pretrain_dim, target_dim=self.target_dim
         )
