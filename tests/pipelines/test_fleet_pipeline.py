@@ -122,7 +122,13 @@ class LoopbackCluster:
     def __init__(self, root: Path, workdir: Path):
         self.root, self.workdir = root, workdir
         # COLUMNS: Kedro's rich log handler wraps at the terminal width; keep messages on one line.
-        self.env = {**os.environ, "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "1000"}
+        self.env = {
+            **os.environ, "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "1000",
+            # A loaded 2-core CI box can stall a process for seconds: generous comm timeouts keep a
+            # slow heartbeat from reading as a lost scheduler (seen: "scheduler-connection-lost").
+            "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "60s",
+            "DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "300s",
+        }
         self.processes: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
         scheduler_file = workdir / "scheduler.json"
