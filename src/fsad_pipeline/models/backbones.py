@@ -503,7 +503,11 @@ def build_backbone(
     with _BACKBONE_CACHE_LOCK:
         cached = _BACKBONE_CACHE.get(key)
         if cached is None:
-            cached = _build_backbone(spec, pretrained=True, weights_path=weights_path, indices=indices)
+            # The random init that the pretrained weights overwrite must not consume the global
+            # RNG: a cache hit draws nothing, so a miss must draw nothing either, or seeded
+            # callers (e.g. base training) would differ between the first and later calls.
+            with torch.random.fork_rng(devices=[]):
+                cached = _build_backbone(spec, pretrained=True, weights_path=weights_path, indices=indices)
             _BACKBONE_CACHE[key] = cached
         return copy.deepcopy(cached)
 
