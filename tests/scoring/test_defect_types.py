@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
@@ -12,7 +15,7 @@ from fsad_pipeline.synthesis.textures import KIND_PROCEDURAL, PROCEDURAL_GENERAT
 FEATURES = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=64, batch_size=8)
 CONFIG = DefectTypeConfig.from_dict(
     {
-        "samples_per_class": 3,
+        "pseudo_classes": {"samples_per_class": 3},
         "encoder": {"hidden_channels": [8], "embed_dim": 4, "pooling": "mean", "input_pool": 2},
         "pretrain": {"n_way": 3, "n_query": 4, "max_episodes": 3},
         "fine_tune": {"epochs": 1},
@@ -60,7 +63,11 @@ def test_fit_classify_save_load(tmp_path):
         assert again[name].pred_type == predictions[name].pred_type
 
 
-def test_config_rejects_unknown_keys():
+def test_config_matches_the_parameters_file():
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "base" / "parameters_classification.yml").read_text())
+    config = DefectTypeConfig.from_dict(params["classification"])
+    assert config.pseudo_classes["mask_kinds"] == ["perlin", "blob"] and config.encoder["pooling"] == "mean"
+    assert CONFIG.pseudo_classes["area_range"] == [0.10, 0.40]  # partial override keeps the defaults
     with pytest.raises(ValueError):
         DefectTypeConfig.from_dict({"sample_per_class": 3})
 

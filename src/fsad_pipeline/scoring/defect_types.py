@@ -58,15 +58,23 @@ PSEUDO_CLASS_STREAM = 3
 Bank = NearestNeighbourIndex | MemoryBankScorer | Tensor | np.ndarray
 
 
+#: Keys of ``parameters_classification.yml`` that steer the pipeline, not the classifier.
+PIPELINE_KEYS = ("enabled", "classify")
+
+
 @dataclass
 class DefectTypeConfig:
-    """Everything the classification stage can tune (``parameters_classification.yml``)."""
+    """Everything the classifier can tune (``classification`` in ``parameters_classification.yml``)."""
 
-    samples_per_class: int = 30
-    mask_kinds: tuple[str, ...] = ("perlin", "blob")
-    beta_range: tuple[float, float] = (0.0, 0.8)
-    area_range: tuple[float, float] = (0.10, 0.40)
-    perlin_threshold: float = 0.35
+    pseudo_classes: dict[str, Any] = field(
+        default_factory=lambda: {
+            "samples_per_class": 30,
+            "mask_kinds": ["perlin", "blob"],
+            "beta_range": [0.0, 0.8],
+            "area_range": [0.10, 0.40],
+            "perlin_threshold": 0.35,
+        }
+    )
     encoder: dict[str, Any] = field(
         default_factory=lambda: {"hidden_channels": [256, 128], "embed_dim": 128, "pooling": "mean", "input_pool": 2}
     )
@@ -79,13 +87,15 @@ class DefectTypeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DefectTypeConfig:
-        data = dict(data or {})
+        """Build from the parameters; unknown keys raise (a typo must not silently do nothing)."""
+        data = {k: v for k, v in (data or {}).items() if k not in PIPELINE_KEYS}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown classification options: {sorted(unknown)}")
-        for key in ("mask_kinds", "beta_range", "area_range"):
+        defaults = cls()
+        for key in ("pseudo_classes", "encoder", "fine_tune"):  # partial overrides keep the other defaults
             if key in data:
-                data[key] = tuple(data[key])
+                data[key] = {**getattr(defaults, key), **dict(data[key])}
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +139,106 @@ class DefectTypeClassifiers:
         return cls(FeatureConfig.from_dict(payload["features"]), classifiers, payload.get("info", {}))
 
 
+def pretrain_residual_encoder(
+    support_images: np.ndarray,
+    textures: TextureBank,
+    extractor: PatchFeatureExtractor,
+    features: FeatureConfig,
+    config: DefectTypeConfig | None = None,
+    *,
+    foreground_masks: np.ndarray | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[ResidualEncoder, dict[str, Any]]:
+    """Build the pseudo defect classes on the normals and pretrain a :class:`ResidualEncoder` on them.
+
+    Residual = features of the synthetic image minus those of its own clean source normal, so
+    only what the pasted texture changed remains. Independent of the labelled shots, so a
+    benchmark can pretrain once and fit several shot draws on the result.
+    """
+    config = config or DefectTypeConfig()
+    common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, dual_path=False)
+    started = time.perf_counter()
+    recipe = config.pseudo_classes
+    pseudo = build_pseudo_class_set(
+        support_images,
+        textures,
+        np.random.default_rng([int(seed), PSEUDO_CLASS_STREAM]),
+        samples_per_class=int(recipe["samples_per_class"]),
+        mask_kinds=tuple(recipe["mask_kinds"]),
+        beta_range=tuple(recipe["beta_range"]),
+        area_range=tuple(recipe["area_range"]),
+        perlin_threshold=float(recipe["perlin_threshold"]),
+        foreground_masks=foreground_masks,
+        progress=progress,
+    )
+    source_features = extract_features(extractor, np.asarray(support_images), progress=progress, desc="features (normals)", **common)
+    pseudo_features = extract_features(extractor, pseudo.images, progress=progress, desc="features (pseudo classes)", **common)
+    residuals = paired_residuals(pseudo_features, source_features, pseudo.source_index).to(torch.float16)
+    del pseudo_features
+    synthesis_seconds = time.perf_counter() - started
+
+    torch.manual_seed(int(seed))
+    encoder = ResidualEncoder(residuals.shape[1], **config.encoder)
+    pretrain_config = PretrainConfig.from_dict({**config.pretrain, "seed": int(seed), "temperature": config.temperature})
+    result = pretrain(encoder, residuals, pseudo.labels, pretrain_config, device=device, progress=progress)
+    info = {
+        "pseudo_classes": {"names": pseudo.class_names, "samples": len(pseudo), "seconds": synthesis_seconds},
+        "pretrain": result.summary(),
+        "pretrain_history": result.history,
+    }
+    return encoder, info
+
+
+def fit_on_shots(
+    encoder: ResidualEncoder,
+    shot_features: Tensor,
+    shot_types: Sequence[str],
+    bank: Bank,
+    features: FeatureConfig,
+    config: DefectTypeConfig | None = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> DefectTypeClassifiers:
+    """Fine-tune a copy of ``encoder`` on the shots and fit the classifier and both baselines.
+
+    ``shot_features`` are the shots' patch features (N, C, h, w) of ``features``; their
+    residuals are taken against the normal ``bank``.
+    """
+    config = config or DefectTypeConfig()
+    shot_types = [str(t) for t in shot_types]
+    if shot_features.shape[0] != len(shot_types) or not shot_types:
+        raise ValueError(f"need one type per defect shot, got {shot_features.shape[0]} shots and {len(shot_types)} types")
+    started = time.perf_counter()
+    shot_residuals = residual_features(shot_features, bank)
+    names = sorted(set(shot_types))
+    tuned = copy.deepcopy(encoder)
+    fine_tune_result = fine_tune(
+        tuned, shot_residuals, np.array([names.index(t) for t in shot_types]), temperature=config.temperature,
+        seed=int(seed), device=device, progress=progress, **config.fine_tune,
+    )
+    options = dict(temperature=config.temperature, open_set=config.open_set, unknown_margin=config.unknown_margin, device=device)
+
+    def baseline(input_kind: str) -> PrototypeClassifier:
+        return PrototypeClassifier(PooledEmbedder(pooling=config.baseline_pooling), input_kind=input_kind, **options)
+
+    classifiers = {
+        CLASSIFIER: PrototypeClassifier(tuned, input_kind="residual", **options).fit(shot_residuals, shot_types),
+        RESIDUAL_BASELINE: baseline("residual").fit(shot_residuals, shot_types),
+        FEATURE_BASELINE: baseline("features").fit(shot_features, shot_types),
+    }
+    info = {
+        "config": config.to_dict(),
+        "shots_per_type": {t: shot_types.count(t) for t in names},
+        "fine_tune": fine_tune_result.summary(),
+        "fit_seconds": time.perf_counter() - started,
+    }
+    return DefectTypeClassifiers(features, classifiers, info)
+
+
 def fit_defect_type_classifiers(
     support_images: np.ndarray,
     shot_images: np.ndarray,
@@ -150,63 +260,20 @@ def fit_defect_type_classifiers(
     ``shot_images``/``shot_types`` the labelled defect shots; ``bank`` the normal memory bank
     of the same ``features`` (the fitted kNN scorer of the memory_bank stage).
     """
-    config = config or DefectTypeConfig()
-    shot_types = [str(t) for t in shot_types]
-    if len(shot_images) != len(shot_types) or not shot_types:
+    if len(shot_images) != len(shot_types) or len(shot_types) == 0:
         raise ValueError(f"need one type per defect shot, got {len(shot_images)} images and {len(shot_types)} types")
     extractor = extractor or features.build_extractor()
-    common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, dual_path=False)
-    info: dict[str, Any] = {"config": config.to_dict(), "shots_per_type": {t: shot_types.count(t) for t in sorted(set(shot_types))}}
-
-    started = time.perf_counter()
-    pseudo = build_pseudo_class_set(
-        support_images,
-        textures,
-        np.random.default_rng([int(seed), PSEUDO_CLASS_STREAM]),
-        samples_per_class=int(config.samples_per_class),
-        mask_kinds=config.mask_kinds,
-        beta_range=config.beta_range,
-        area_range=config.area_range,
-        perlin_threshold=float(config.perlin_threshold),
-        foreground_masks=foreground_masks,
-        progress=progress,
+    encoder, pretrain_info = pretrain_residual_encoder(
+        support_images, textures, extractor, features, config,
+        foreground_masks=foreground_masks, seed=seed, device=device, progress=progress,
     )
-    source_features = extract_features(extractor, np.asarray(support_images), progress=progress, desc="features (normals)", **common)
-    pseudo_features = extract_features(extractor, pseudo.images, progress=progress, desc="features (pseudo classes)", **common)
-    pseudo_residuals = paired_residuals(pseudo_features, source_features, pseudo.source_index).to(torch.float16)
-    del pseudo_features
-    info["pseudo_classes"] = {"names": pseudo.class_names, "samples": len(pseudo), "seconds": time.perf_counter() - started}
-
-    torch.manual_seed(int(seed))
-    encoder = ResidualEncoder(pseudo_residuals.shape[1], **config.encoder)
-    pretrain_config = PretrainConfig.from_dict({**config.pretrain, "seed": int(seed), "temperature": config.temperature})
-    pretrain_result = pretrain(encoder, pseudo_residuals, pseudo.labels, pretrain_config, device=device, progress=progress)
-    del pseudo_residuals
-    info["pretrain"] = pretrain_result.summary()
-
-    shot_features = extract_features(extractor, np.asarray(shot_images), progress=progress, desc="features (defect shots)", **common)
-    shot_residuals = residual_features(shot_features, bank)
-    names = sorted(set(shot_types))
-    labels = np.array([names.index(t) for t in shot_types])
-    tuned = copy.deepcopy(encoder)
-    fine_tune_result = fine_tune(
-        tuned, shot_residuals, labels, temperature=config.temperature, seed=int(seed), device=device, progress=progress,
-        **config.fine_tune,
+    shot_features = extract_features(
+        extractor, np.asarray(shot_images), image_size=features.image_size, batch_size=features.batch_size,
+        device=device, dual_path=False, progress=progress, desc="features (defect shots)",
     )
-    info["fine_tune"] = fine_tune_result.summary()
-
-    options = dict(temperature=config.temperature, open_set=config.open_set, unknown_margin=config.unknown_margin, device=device)
-    classifiers = {
-        CLASSIFIER: PrototypeClassifier(tuned, input_kind="residual", **options).fit(shot_residuals, shot_types),
-        RESIDUAL_BASELINE: PrototypeClassifier(PooledEmbedder(pooling=config.baseline_pooling), input_kind="residual", **options).fit(
-            shot_residuals, shot_types
-        ),
-        FEATURE_BASELINE: PrototypeClassifier(PooledEmbedder(pooling=config.baseline_pooling), input_kind="features", **options).fit(
-            shot_features, shot_types
-        ),
-    }
-    info["seconds"] = time.perf_counter() - started
-    return DefectTypeClassifiers(features, classifiers, info)
+    fitted = fit_on_shots(encoder, shot_features, shot_types, bank, features, config, seed=seed, device=device, progress=progress)
+    fitted.info.update({k: v for k, v in pretrain_info.items() if k != "pretrain_history"})
+    return fitted
 
 
 __all__ = [
@@ -217,4 +284,6 @@ __all__ = [
     "METHODS",
     "RESIDUAL_BASELINE",
     "fit_defect_type_classifiers",
+    "fit_on_shots",
+    "pretrain_residual_encoder",
 ]
