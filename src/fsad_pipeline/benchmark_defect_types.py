@@ -109,7 +109,7 @@ def evaluate_category(name: str, args: argparse.Namespace, params: dict[str, Any
             eval_types = defects["defect_type"][~is_shot].tolist()
             fitted = fit_on_shots(encoder, defect_features[shot_rows], shot_types, bank, features, config, seed=seed, device=device, progress=False)
             started = time.perf_counter()
-            predictions = fitted.classify(defect_features[eval_rows], bank)
+            predictions = fitted.classify(defect_features[eval_rows])
             classify_seconds = time.perf_counter() - started
             options = dict(temperature=config.temperature, open_set=True, unknown_margin=config.unknown_margin)
             open_set = {

@@ -8,7 +8,7 @@ from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.features import extract_features
 from fsad_pipeline.models.memory_bank import MemoryBankScorer
-from fsad_pipeline.scoring.defect_types import METHODS, DefectTypeClassifiers, DefectTypeConfig, fit_defect_type_classifiers
+from fsad_pipeline.scoring.defect_types import METHODS, DefectTypeConfig, fit_defect_type_classifiers, load_defect_classifier
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.synthesis.textures import KIND_PROCEDURAL, PROCEDURAL_GENERATORS, TextureBank, TextureSource
 
@@ -52,15 +52,21 @@ def test_fit_classify_save_load(tmp_path):
 
     queries = np.concatenate([_defects(rng, 2, (250, 20, 20), 12), _defects(rng, 2, (20, 20, 250), 24)])
     features = extract_features(extractor, queries, image_size=64, dual_path=False, progress=False)
-    predictions = fitted.classify(features, bank)
+    predictions = fitted.classify(features)
     assert set(predictions) == set(METHODS)
     assert all(len(p.pred_type) == 4 for p in predictions.values())
     fitted.save(tmp_path / "types")
-    loaded = DefectTypeClassifiers.load(tmp_path / "types")
-    again = loaded.classify(features, bank)
+    loaded = load_defect_classifier(tmp_path / "types")
+    np.testing.assert_array_equal(loaded.bank, bank.bank)
+    again = loaded.classify(features)
     for name in METHODS:
         np.testing.assert_array_equal(again[name].probabilities, predictions[name].probabilities)
         assert again[name].pred_type == predictions[name].pred_type
+    # the model bundle's contract: images in, the classifier's three columns out
+    columns = loaded.predict(queries, np.zeros((4, 64, 64), np.float32))
+    assert list(columns) == ["pred_defect_type", "pred_defect_probability", "runner_up_defect_type"]
+    assert list(columns["pred_defect_type"]) == predictions["classifier"].pred_type
+    np.testing.assert_allclose(columns["pred_defect_probability"], predictions["classifier"].pred_probability)
 
 
 def test_config_matches_the_parameters_file():

@@ -9,8 +9,10 @@ patch) and fits three :class:`PrototypeClassifier` s on the shots:
 * ``residual_prototype`` — pooled residuals, no learning (is pretraining worth it?);
 * ``feature_prototype`` — pooled plain backbone features (are residuals worth it?).
 
-Everything is saved in one folder (``defect_types.json`` + one safetensors/JSON sub-folder per
-classifier), like :class:`~fsad_pipeline.scoring.patch_scorers.PatchScorerSet`.
+Everything is saved in one folder (``defect_types.json``, the normal bank as ``bank.npy`` and
+one safetensors/JSON sub-folder per classifier), like
+:class:`~fsad_pipeline.scoring.patch_scorers.PatchScorerSet`; :func:`load_defect_classifier`
+reads it back for the model bundle.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ RESIDUAL_BASELINE = "residual_prototype"
 FEATURE_BASELINE = "feature_prototype"
 METHODS = (CLASSIFIER, RESIDUAL_BASELINE, FEATURE_BASELINE)
 CONFIG_FILE = "defect_types.json"
+BANK_FILE = "bank.npy"
 #: Random stream of the pseudo defect classes (the synthesis stage uses 1 and 2).
 PSEUDO_CLASS_STREAM = 3
 
@@ -104,30 +107,76 @@ class DefectTypeConfig:
 
 @dataclass
 class DefectTypeClassifiers:
-    """The fitted classifier and baselines, with the feature recipe they expect."""
+    """The fitted classifier and baselines, with the feature recipe and normal bank they need.
+
+    Self-contained (it keeps its own copy of the normal bank vectors the residuals are taken
+    against), so the model bundle can carry it as its ``classifier`` component: :meth:`predict`
+    is the bundle's ``DefectTypePredictor`` contract.
+    """
 
     features: FeatureConfig
     classifiers: dict[str, PrototypeClassifier]
+    bank: np.ndarray | None = None  # (M, C) float32 normal bank of the residuals
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index: NearestNeighbourIndex | None = None
+        self._extractor: PatchFeatureExtractor | None = None
+        self.device = "cpu"
 
     @property
     def class_names(self) -> list[str]:
         return next(iter(self.classifiers.values())).class_names if self.classifiers else []
 
-    def classify(self, features: Tensor, bank: Bank) -> dict[str, ClassPrediction]:
+    @property
+    def index(self) -> NearestNeighbourIndex:
+        if self._index is None:
+            if self.bank is None:
+                raise RuntimeError("no normal bank: the classifiers were not fitted")
+            self._index = NearestNeighbourIndex().build(self.bank)
+        return self._index
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = self.features.build_extractor()
+        return self._extractor
+
+    def image_features(self, images: np.ndarray, *, progress: bool = False) -> Tensor:
+        """Patch features (N, C, h, w) of uint8 RGB images with this classifier's recipe."""
+        return extract_features(
+            self.extractor, np.asarray(images), image_size=self.features.image_size, batch_size=self.features.batch_size,
+            device=self.device, dual_path=False, progress=progress, desc="features (classification)",
+        )
+
+    def classify(self, features: Tensor) -> dict[str, ClassPrediction]:
         """Every method's prediction for patch features (N, C, h, w) of the images to classify."""
         needs_residuals = any(c.input_kind == "residual" for c in self.classifiers.values())
-        residuals = residual_features(features, bank) if needs_residuals and len(features) else features
+        residuals = residual_features(features, self.index) if needs_residuals and len(features) else features
         return {
             name: classifier.predict(residuals if classifier.input_kind == "residual" else features)
             for name, classifier in self.classifiers.items()
         }
+
+    def predict(self, images: np.ndarray, anomaly_maps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The classifier's type, probability and runner-up for images flagged NG (bundle contract).
+
+        ``anomaly_maps`` are accepted for the contract but not used: the residual map already
+        says where and how the image departs from the normals.
+        """
+        if not self.classifiers:
+            raise RuntimeError("no defect-type classifier was fitted")
+        prediction = self.classify(self.image_features(images))[CLASSIFIER]
+        return {name: np.asarray(values, dtype=object if name != "pred_defect_probability" else float)
+                for name, values in prediction.columns().items()}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"features": asdict(self.features), "classifiers": list(self.classifiers), "info": self.info}
         (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        if self.bank is not None:
+            np.save(directory / BANK_FILE, np.ascontiguousarray(self.bank, dtype=np.float32), allow_pickle=False)
         for name, classifier in self.classifiers.items():
             classifier.save(directory / name)
 
@@ -136,7 +185,25 @@ class DefectTypeClassifiers:
         directory = Path(directory)
         payload = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
         classifiers = {name: PrototypeClassifier.load(directory / name, device=device) for name in payload["classifiers"]}
-        return cls(FeatureConfig.from_dict(payload["features"]), classifiers, payload.get("info", {}))
+        bank = np.load(directory / BANK_FILE, allow_pickle=False) if (directory / BANK_FILE).exists() else None
+        loaded = cls(FeatureConfig.from_dict(payload["features"]), classifiers, bank, payload.get("info", {}))
+        loaded.device = device
+        return loaded
+
+
+def load_defect_classifier(directory: str | Path) -> DefectTypeClassifiers:
+    """The model bundle's loader for its ``classifier`` component."""
+    return DefectTypeClassifiers.load(directory)
+
+
+def _bank_vectors(bank: Bank) -> np.ndarray:
+    if isinstance(bank, MemoryBankScorer):
+        return bank.bank
+    if isinstance(bank, NearestNeighbourIndex):
+        if bank.bank is None:
+            raise RuntimeError("the nearest-neighbour index is not built")
+        return bank.bank
+    return np.ascontiguousarray(bank.detach().cpu().numpy() if isinstance(bank, Tensor) else bank, dtype=np.float32)
 
 
 def pretrain_residual_encoder(
@@ -236,7 +303,7 @@ def fit_on_shots(
         "fine_tune": fine_tune_result.summary(),
         "fit_seconds": time.perf_counter() - started,
     }
-    return DefectTypeClassifiers(features, classifiers, info)
+    return DefectTypeClassifiers(features, classifiers, _bank_vectors(bank), info)
 
 
 def fit_defect_type_classifiers(
@@ -285,5 +352,6 @@ __all__ = [
     "RESIDUAL_BASELINE",
     "fit_defect_type_classifiers",
     "fit_on_shots",
+    "load_defect_classifier",
     "pretrain_residual_encoder",
 ]
