@@ -22,7 +22,7 @@ def test_every_category_is_a_namespaced_dfd_chain_sharing_the_texture_bank():
     for node in fleet.nodes:
         by_namespace.setdefault(node.namespace, []).append(node.name)
     assert sorted(by_namespace[None]) == ["build_texture_bank", "gather_fleet_metrics"]
-    assert len(by_namespace["screw"]) == len(by_namespace["plate"]) == 17
+    assert len(by_namespace["screw"]) == len(by_namespace["plate"]) == 21
     screw = Pipeline([n for n in fleet.nodes if n.namespace == "screw"])
     inputs = screw.inputs()
     assert "texture_bank" in inputs and "params:screw.data" in inputs  # shared bank, own data block

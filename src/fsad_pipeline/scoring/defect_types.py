@@ -191,6 +191,11 @@ class DefectTypeClassifiers:
         return loaded
 
 
+def bundle_component(classifiers: DefectTypeClassifiers | None) -> DefectTypeClassifiers | None:
+    """What a model bundle carries: the classifier when one was fitted (shots existed), else nothing."""
+    return classifiers if classifiers is not None and classifiers.classifiers else None
+
+
 def load_defect_classifier(directory: str | Path) -> DefectTypeClassifiers:
     """The model bundle's loader for its ``classifier`` component."""
     return DefectTypeClassifiers.load(directory)
@@ -347,6 +352,7 @@ __all__ = [
     "CLASSIFIER",
     "DefectTypeClassifiers",
     "DefectTypeConfig",
+    "bundle_component",
     "FEATURE_BASELINE",
     "METHODS",
     "RESIDUAL_BASELINE",
