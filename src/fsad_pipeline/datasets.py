@@ -82,6 +82,22 @@ class PatchScorerSetDataset(_PathDataset):
         return (self._filepath / "features.json").exists()
 
 
+class DefectTypeClassifiersDataset(_PathDataset):
+    """The fitted defect-type classifier and baselines (may be empty: no shots), written atomically."""
+
+    def load(self):
+        from fsad_pipeline.scoring.defect_types import DefectTypeClassifiers
+
+        return DefectTypeClassifiers.load(self._filepath)
+
+    def save(self, data) -> None:
+        with artifacts.atomic_directory(self._filepath) as staging:
+            data.save(staging)
+
+    def _exists(self) -> bool:
+        return (self._filepath / "defect_types.json").exists()
+
+
 class NestedArraysDataset(_PathDataset):
     """``{group: {name: array}}`` as one ``.npz`` (e.g. each scorer's validation maps and scores)."""
 

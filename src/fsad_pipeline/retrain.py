@@ -78,6 +78,7 @@ def _export_challenger(project: Path, params: dict, target: Path, fingerprint: s
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
+    from fsad_pipeline.scoring.defect_types import bundle_component
     from fsad_pipeline.scoring.model_bundle import export_bundle
 
     bootstrap_project(project)
@@ -87,6 +88,7 @@ def _export_challenger(project: Path, params: dict, target: Path, fingerprint: s
             target,
             dfd_model=catalog.load("dfd_model"),
             patch_scorers=catalog.load("patch_scorers"),
+            classifier=bundle_component(catalog.load("defect_classifier")),
             fusion=catalog.load("fusion"),
             support_images=catalog.load("support_images"),
             config_version=int(params["config_version"]),

@@ -33,6 +33,14 @@ TINY_PARAMS: dict[str, Any] = {
         "memory_bank": {"features": {"pretrain_dim": 32, "target_dim": 32, "batch_size": 8}, "gaussian": {"enabled": True}},
     },
     "parameters_scoring.yml": {"fusion": {"n_trials": 20}},
+    "parameters_classification.yml": {
+        "classification": {
+            "pseudo_classes": {"samples_per_class": 3},
+            "encoder": {"hidden_channels": [16], "embed_dim": 8},
+            "pretrain": {"max_episodes": 3, "n_query": 4},
+            "fine_tune": {"epochs": 2},
+        }
+    },
 }
 
 

@@ -108,7 +108,7 @@ def test_export_refuses_a_fusion_it_cannot_serve_and_writes_nothing(tmp_path, ti
 
 
 class _Classifier:
-    """A stand-in with the classifier contract (the real one lives in models/defect_classifier.py)."""
+    """A stand-in with the classifier contract (the real one: scoring/defect_types.py DefectTypeClassifiers)."""
 
     def __init__(self, types=("scratch", "spot")):
         self.types = list(types)

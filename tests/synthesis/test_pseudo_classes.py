@@ -74,3 +74,13 @@ def test_pseudo_classes_rejects_bad_input():
         build_pseudo_class_set([], _plain_bank(), np.random.default_rng(0), progress=False)
     with pytest.raises(ValueError):
         build_pseudo_class_set(_supports(), _plain_bank(), np.random.default_rng(0), mask_kinds=("square",), progress=False)
+
+
+def test_pseudo_classes_stay_in_the_foreground_and_ignore_an_empty_one():
+    supports = _supports(2, 32)
+    foreground = np.zeros((2, 32, 32), np.uint8)
+    foreground[0, :, :16] = 1  # the second support has an empty mask: pasted anywhere
+    result = build_pseudo_class_set(supports, _plain_bank(), np.random.default_rng(6), samples_per_class=2, foreground_masks=foreground, progress=False)
+    on_first = result.source_index == 0
+    assert not result.masks[on_first][:, :, 16:].any()
+    assert result.masks[~on_first].any()

@@ -23,6 +23,7 @@ from fsad_pipeline.evaluation.metrics import image_auroc
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "confusion_matrix_figure",
     "heatmap_overlay_grid",
     "heatmap_overlay_image",
     "metric_bar_figure",
@@ -420,5 +421,36 @@ def training_history_figure(history: Sequence[Mapping[str, Any]], *, figsize: tu
         auroc_ax.plot(epochs, values, marker="o", label=f"validation {key}")
     auroc_ax.set(xlabel="meta-epoch", ylabel="AUROC", title="synthetic validation", ylim=(0, 1.02))
     auroc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_figure(
+    confusions: Mapping[str, Mapping[str, Any]], *, figsize: tuple[float, float] | None = None
+) -> Figure:
+    """One confusion-matrix panel per method (``{"true", "predicted", "matrix"}`` each, see
+    :func:`~fsad_pipeline.evaluation.metrics.defect_type_accuracy`), counts and row shares."""
+    if not confusions:
+        return _empty_figure("no defect-type predictions")
+    n = len(confusions)
+    size = max(len(c["predicted"]) for c in confusions.values())
+    fig = Figure(figsize=figsize or (max(4.0, 1.0 + 0.9 * size) * n, max(3.5, 1.2 + 0.8 * size)))
+    for position, (name, confusion) in enumerate(confusions.items(), start=1):
+        ax = fig.add_subplot(1, n, position)
+        matrix = np.asarray(confusion["matrix"], dtype=float)
+        shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
+        ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        for (row, col), count in np.ndenumerate(matrix):
+            ax.text(col, row, f"{int(count)}", ha="center", va="center",
+                    color="white" if shares[row, col] > 0.6 else "black", fontsize="small")
+        ax.set_xticks(range(len(confusion["predicted"])))
+        ax.set_xticklabels(confusion["predicted"], rotation=45, ha="right", fontsize="small")
+        ax.set_yticks(range(len(confusion["true"])))
+        ax.set_yticklabels(confusion["true"], fontsize="small")
+        ax.set_xlabel("predicted")
+        if position == 1:
+            ax.set_ylabel("true")
+        correct = np.trace(matrix[:, : len(confusion["true"])]) if matrix.size else 0.0
+        ax.set_title(f"{name}  (acc {correct / max(matrix.sum(), 1.0):.2f})", fontsize="medium")
     fig.tight_layout()
     return fig

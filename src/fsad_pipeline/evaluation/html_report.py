@@ -224,6 +224,13 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
         tables.append(_table(["image AUROC by defect type", *names],
                              [[_esc(t), *[_esc(_fmt(per_type[n].get(t))) for n in names]] for t in defect_types]))
 
+    methods = (metrics.get("defect_type") or {}).get("methods") or {}
+    if methods:
+        columns = {"accuracy": "accuracy", "mean_type_accuracy": "mean over types",
+                   "closed_set_accuracy": "closed-set accuracy", "unknown_rate": "unknown"}
+        tables.append(_table(["defect-type method (flagged defects)", *columns.values()],
+                             [[_esc(name), *[_esc(_fmt(values.get(c))) for c in columns]] for name, values in methods.items()]))
+
     shown = set(SCORER_METRICS) | {"scorers", "fusion_weights", "image_auroc_per_defect_type"}
     run = [(_esc(k.replace("_", " ")), _esc(_fmt(v))) for k, v in metrics.items()
            if k not in shown and not isinstance(v, Mapping)]

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "aupro",
+    "defect_type_accuracy",
     "f1_max",
     "image_auroc",
     "per_defect_type_auroc",
@@ -382,3 +383,33 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
             y_limit = y_in[-1]
         x_in, y_in = np.r_[x_in, limit], np.r_[y_in, y_limit]
     return float(np.trapezoid(y_in, x_in))
+
+
+# --------------------------------------------------------------------------- #
+# defect-type classification
+# --------------------------------------------------------------------------- #
+def defect_type_accuracy(gt_types: Sequence[str], pred_types: Sequence[str], *, unknown: str = "unknown") -> dict[str, Any]:
+    """Accuracy, per-type accuracy (recall), their mean, the ``unknown`` rate and the confusion matrix.
+
+    The mean over types weighs every type equally, so a rare type counts as much as a common
+    one. An ``unknown`` prediction counts as wrong. Confusion rows are the true types, columns
+    the predicted types (the true types, then ``unknown`` and any other predicted label).
+    """
+    gt = [str(t) for t in gt_types]
+    pred = [str(t) for t in pred_types]
+    if len(gt) != len(pred):
+        raise ValueError(f"{len(gt)} true types for {len(pred)} predictions")
+    rows = sorted(set(gt))
+    columns = rows + sorted(set(pred) - set(rows) - {unknown}) + ([unknown] if unknown in pred else [])
+    matrix = np.zeros((len(rows), len(columns)), dtype=np.int64)
+    for truth, guess in zip(gt, pred):
+        matrix[rows.index(truth), columns.index(guess)] += 1
+    per_type = {t: float(matrix[i, columns.index(t)] / matrix[i].sum()) for i, t in enumerate(rows)}
+    return {
+        "n_images": len(gt),
+        "accuracy": float(np.mean([a == b for a, b in zip(gt, pred)])) if gt else float("nan"),
+        "per_type": per_type,
+        "mean_type_accuracy": float(np.mean(list(per_type.values()))) if per_type else float("nan"),
+        "unknown_rate": float(np.mean([p == unknown for p in pred])) if pred else float("nan"),
+        "confusion": {"true": rows, "predicted": columns, "matrix": matrix.tolist()},
+    }

@@ -507,12 +507,15 @@ class ClassPrediction:
         """The argmax type, ignoring the unknown rule."""
         return [self.class_names[i] for i in self.probabilities.argmax(axis=1)] if len(self.class_names) else []
 
-    def columns(self, prefix: str = "defect_type") -> dict[str, list]:
-        """Per-image CSV columns: predicted type, its probability and the runner-up."""
+    def columns(self, suffix: str = "") -> dict[str, list]:
+        """Per-image CSV columns (the model bundle's names): type, its probability, runner-up.
+
+        ``suffix`` (e.g. ``"_residual_prototype"``) names a baseline's columns.
+        """
         return {
-            f"pred_{prefix}": list(self.pred_type),
-            f"pred_{prefix}_probability": [float(p) for p in self.pred_probability],
-            f"runner_up_{prefix}": list(self.runner_up),
+            f"pred_defect_type{suffix}": list(self.pred_type),
+            f"pred_defect_probability{suffix}": [float(p) for p in self.pred_probability],
+            f"runner_up_defect_type{suffix}": list(self.runner_up),
         }
 
 

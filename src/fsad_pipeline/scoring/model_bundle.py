@@ -50,7 +50,7 @@ EXPECTATION_KEYS = ("backbone", "image_size", "config_version")
 
 #: The defect-type classifier plugs in here: ``load_defect_classifier(directory)`` in this module
 #: must return an object satisfying :class:`DefectTypePredictor`.
-CLASSIFIER_MODULE = "fsad_pipeline.models.defect_classifier"
+CLASSIFIER_MODULE = "fsad_pipeline.scoring.defect_types"
 CLASSIFIER_LOADER = "load_defect_classifier"
 CLASSIFIER_COLUMNS = ("pred_defect_type", "pred_defect_probability", "runner_up_defect_type")
 

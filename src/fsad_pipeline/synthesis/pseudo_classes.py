@@ -158,7 +158,9 @@ def build_pseudo_class_set(
     Sample ``j`` of a class is pasted on support image ``j mod k`` (every class sees every
     normal equally often, so the source is not a shortcut to the class), with a mask kind
     drawn from ``mask_kinds``, the class's raw texture, and β ~ U(``beta_range``) in
-    ``I·(1−M) + (1−β)·T·M + β·I·M``. Deterministic for a given ``rng`` state.
+    ``I·(1−M) + (1−β)·T·M + β·I·M``. Masks are cut to the image's foreground when
+    ``foreground_masks`` are given (an empty one is ignored, with a warning). Deterministic for a
+    given ``rng`` state.
     """
     support = [np.asarray(image) for image in support_images]
     if not support:
@@ -177,6 +179,12 @@ def build_pseudo_class_set(
     if not kinds or any(kind not in MASK_KINDS for kind in kinds):
         raise ValueError(f"mask_kinds must be a non-empty subset of {MASK_KINDS}, got {kinds}")
 
+    if foreground_masks is not None:
+        foregrounds: list[np.ndarray | None] = []
+        for index, mask in enumerate(foreground_masks):
+            if not np.asarray(mask).any():
+                logger.warning("support image %d has an empty foreground mask: pseudo defects may land anywhere on it", index)
+            foregrounds.append(np.asarray(mask) if np.asarray(mask).any() else None)
     names = textures.class_names
     total = len(names) * int(samples_per_class)
     height, width = shape[:2]
@@ -186,7 +194,7 @@ def build_pseudo_class_set(
     source_index = np.tile(np.arange(samples_per_class, dtype=np.int64) % len(support), len(names))
     for row in tqdm(range(total), desc="pseudo defect classes", disable=not progress):
         source = int(source_index[row])
-        foreground = None if foreground_masks is None else foreground_masks[source]
+        foreground = None if foreground_masks is None else foregrounds[source]
         kind = kinds[int(rng.integers(0, len(kinds)))]
         mask = draw_mask(
             (height, width), rng, kind=kind, area_range=area_range,

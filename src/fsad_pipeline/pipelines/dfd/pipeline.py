@@ -3,7 +3,7 @@ from importlib import import_module
 from kedro.pipeline import Pipeline
 
 #: The stages of the ``dfd`` chain, in data-flow order.
-DFD_STAGES = ("ingestion", "synthesis", "training", "memory_bank", "scoring", "evaluation")
+DFD_STAGES = ("ingestion", "synthesis", "training", "memory_bank", "scoring", "classification", "evaluation")
 
 
 def create_pipeline(**kwargs) -> Pipeline:

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from fsad_pipeline.data.sampling import load_gt_masks, load_images
 from fsad_pipeline.evaluation.figures import (
+    confusion_matrix_figure,
     heatmap_overlay_grid,
     metric_bar_figure,
     pr_figure,
@@ -17,6 +18,7 @@ from fsad_pipeline.evaluation.figures import (
 from fsad_pipeline.evaluation.html_report import render_html_report
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS
 
 
 def _scorer_predictions(predictions: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -30,6 +32,7 @@ def compute_metrics(
     fusion: dict,
     dfd_model: DFDScorer,
     scoring_timing: dict,
+    defect_type_metrics: dict,
     image_size: int,
     k_shot: int,
     k_defect_shots: int,
@@ -61,6 +64,7 @@ def compute_metrics(
             "best_meta_epoch": dfd_model.info.get("best_meta_epoch"),
             "score_images_per_second": scoring_timing["score_images_per_second"],
             "score_seconds": scoring_timing["score_seconds"],
+            "defect_type": defect_type_metrics,
         }
     )
     roc = curve_points(predictions)["roc"]
@@ -120,14 +124,33 @@ def plot_scorer_comparison(metrics: dict) -> Figure:
     )
 
 
+def with_defect_types(predictions: pd.DataFrame, defect_types: pd.DataFrame) -> pd.DataFrame:
+    """``predictions`` plus the classifier's type, probability and runner-up (empty where not classified)."""
+    columns = [c for c in CLASSIFIER_COLUMNS if c in defect_types]
+    if not columns:
+        return predictions
+    return predictions.merge(defect_types[["path", *columns]], on="path", how="left", validate="one_to_one")
+
+
 def write_html_report(
-    predictions: pd.DataFrame, anomaly_maps: np.ndarray, metrics: dict, fusion: dict, image_size: int, evaluation: dict
+    predictions: pd.DataFrame,
+    anomaly_maps: np.ndarray,
+    metrics: dict,
+    fusion: dict,
+    defect_types: pd.DataFrame,
+    defect_type_metrics: dict,
+    image_size: int,
+    evaluation: dict,
 ) -> str:
     """report.html: metrics, the score figures and every test image ranked by score, in one file.
 
     The figures are drawn again here (cheap) because the PNG datasets above are write-only.
     """
+    predictions = with_defect_types(predictions, defect_types)
     figures = {**_score_figures(predictions, fusion), "Image AUROC per scorer": plot_scorer_comparison(metrics)}
+    confusions = {name: m["confusion"] for name, m in (defect_type_metrics.get("methods") or {}).items() if "confusion" in m}
+    if confusions:
+        figures["Defect-type confusion (flagged defects)"] = confusion_matrix_figure(confusions)
     report = evaluation["html_report"]
     return render_html_report(
         predictions,

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from fsad_pipeline.data.manifest import manifest_fingerprint
+from fsad_pipeline.scoring.defect_types import DefectTypeClassifiers, bundle_component
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.model_store import ModelStore, export_and_promote
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
@@ -14,6 +15,7 @@ from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 def promote_model(
     dfd_model: DFDScorer,
     patch_scorers: PatchScorerSet,
+    defect_classifier: DefectTypeClassifiers,
     fusion: dict,
     support_images: np.ndarray,
     metrics: dict,
@@ -34,6 +36,7 @@ def promote_model(
         replace_champion=bool(promotion["replace_champion"]),
         dfd_model=dfd_model,
         patch_scorers=patch_scorers,
+        classifier=bundle_component(defect_classifier),
         fusion=fusion,
         support_images=support_images,
         config_version=int(config_version),

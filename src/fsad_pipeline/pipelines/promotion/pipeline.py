@@ -11,6 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "dfd_model",
                     "patch_scorers",
+                    "defect_classifier",
                     "fusion",
                     "support_images",
                     "metrics",
