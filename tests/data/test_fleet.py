@@ -42,6 +42,7 @@ def test_explicit_list_and_per_category_overrides():
     assert list(plan) == ["b", "a"]
     assert plan["a"]["root"] == "/mnt/a" and plan["a"]["textile"] == {"n_train_good": 3, "part": 9}
     assert plan["b"]["root"] == "unused"
+    assert list(fleet_plan({"data": DATA, "fleet": {"categories": "b+a"}})) == ["b", "a"]  # from --params
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,6 @@ def test_explicit_list_and_per_category_overrides():
         ({"categories": []}, "empty"),
         ({"categories": ["a", "a"]}, "more than once"),
         ({"categories": ["a.b"]}, "namespaces"),
-        ({"categories": "widget"}, "list of category names"),
         ({"categories": ["a"], "data_overrides": {"z": {}}}, "outside the fleet"),
     ],
 )

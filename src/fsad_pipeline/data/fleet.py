@@ -34,7 +34,8 @@ def _deep_merge(base: dict, update: Mapping) -> dict:
 def fleet_categories(data: Mapping[str, Any], fleet: Mapping[str, Any]) -> list[str]:
     """``fleet.categories`` resolved to a list of names.
 
-    A list is taken as given. ``auto`` lists every category folder under ``data.root`` for the
+    A list is taken as given, and so is a ``+``-separated string (``--params
+    fleet.categories=screw+plate``: ``kedro run --params`` cuts ``[screw,plate]`` at the comma). ``auto`` lists every category folder under ``data.root`` for the
     ``mvtec`` and ``folder`` sources; the ``textile`` source has no folders to list (its images come
     from a package), so ``auto`` gives ``fleet.textile_parts`` pseudo-categories
     ``<data.category>_0``, ``_1``, ... that share no image.
@@ -48,8 +49,8 @@ def fleet_categories(data: Mapping[str, Any], fleet: Mapping[str, Any]) -> list[
             names = [f"{data['category']}_{i}" for i in range(parts)]
         else:
             names = list_categories(data["source"], data["root"])
-    elif isinstance(wanted, str):
-        raise ValueError(f"fleet.categories must be a list of category names or 'auto', got {wanted!r}")
+    elif isinstance(wanted, str):  # "screw+plate": Kedro's --params splits lists at their commas
+        names = [name.strip() for name in wanted.split("+") if name.strip()]
     else:
         names = [str(name) for name in wanted]
     if not names:
