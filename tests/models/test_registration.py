@@ -159,6 +159,8 @@ def test_registered_encoder_round_trips_through_the_backbone_factory(tmp_path, m
     by_path = build_backbone(f"registered:{registry / 'mine'}")
     extractor = PatchFeatureExtractor(by_path, pretrain_dim=32, target_dim=32)
     assert extractor(torch.rand(1, 3, 64, 64)).shape == (1, 32, 8, 8)
+    low, high = extractor.dual_path(torch.rand(2, 3, 64, 64))  # DFD's two frequency paths
+    assert low.shape == high.shape == (2, 32, 8, 8)
     info = read_encoder_info("registered:mine")
     assert info["base_backbone"] == "efficientnet_lite0" and info["image_size"] == 64
     assert info["encoder"]["stn"]["stages"] == [1, 2] and info["training"] == {"epochs": 1}
