@@ -20,7 +20,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["ingestion", "synthesis", "training", "memory_bank", "scoring", "evaluation"]
+STAGES = ["ingestion", "synthesis", "training", "memory_bank", "scoring", "classification", "evaluation"]
 
 
 def test_dvc_repro_exp_status_push_pull(dvc_repo, tmp_path: Path):
