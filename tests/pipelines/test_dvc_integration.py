@@ -63,7 +63,7 @@ def test_dvc_repro_exp_status_push_pull(dvc_repo, tmp_path: Path):
     rows_before = len(manifest.read_text().splitlines())
     good = repo.root / "data/01_raw/widget/test/good"
     shutil.copy(good / "000.png", good / "100.png")
-    assert repo.repro("repro after a new image") == ["ingestion", "synthesis", "memory_bank", "scoring", "evaluation"]
+    assert repo.repro("repro after a new image") == ["ingestion", "synthesis", "memory_bank", "scoring", "classification", "evaluation"]
     assert len(manifest.read_text().splitlines()) == rows_before + 1
     repo.commit("one more image")
 
