@@ -48,8 +48,24 @@ class PseudoAnomalySetDataset(_PathDataset):
         return (self._filepath / "samples.csv").exists()
 
 
-class DFDScorerDataset(_PathDataset):
+class _ModelDirectoryDataset(_PathDataset):
+    """A fitted model saved by its own ``save(directory)``, written atomically; ``marker`` is
+    the file whose presence means the folder holds a complete model."""
+
+    marker = ""
+
+    def save(self, data) -> None:
+        with artifacts.atomic_directory(self._filepath) as staging:
+            data.save(staging)
+
+    def _exists(self) -> bool:
+        return (self._filepath / self.marker).exists()
+
+
+class DFDScorerDataset(_ModelDirectoryDataset):
     """A trained DFD scorer: ``dfd.safetensors`` + ``dfd_config.json`` + ``scorer.json``, written atomically."""
+
+    marker = "scorer.json"
 
     def __init__(self, filepath: str, device: str = "auto", metadata: dict[str, Any] | None = None):
         super().__init__(filepath, metadata)
@@ -58,44 +74,27 @@ class DFDScorerDataset(_PathDataset):
     def load(self) -> DFDScorer:
         return DFDScorer.load(self._filepath, device=self._device)
 
-    def save(self, data: DFDScorer) -> None:
-        with artifacts.atomic_directory(self._filepath) as staging:
-            data.save(staging)
 
-    def _exists(self) -> bool:
-        return (self._filepath / "scorer.json").exists()
-
-
-class PatchScorerSetDataset(_PathDataset):
+class PatchScorerSetDataset(_ModelDirectoryDataset):
     """The fitted patch scorers (kNN bank, Gaussian, anomalous bank), written atomically."""
+
+    marker = "features.json"
 
     def load(self):
         from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 
         return PatchScorerSet.load(self._filepath)
 
-    def save(self, data) -> None:
-        with artifacts.atomic_directory(self._filepath) as staging:
-            data.save(staging)
 
-    def _exists(self) -> bool:
-        return (self._filepath / "features.json").exists()
-
-
-class DefectTypeClassifiersDataset(_PathDataset):
+class DefectTypeClassifiersDataset(_ModelDirectoryDataset):
     """The fitted defect-type classifier and baselines (may be empty: no shots), written atomically."""
+
+    marker = "defect_types.json"
 
     def load(self):
         from fsad_pipeline.scoring.defect_types import DefectTypeClassifiers
 
         return DefectTypeClassifiers.load(self._filepath)
-
-    def save(self, data) -> None:
-        with artifacts.atomic_directory(self._filepath) as staging:
-            data.save(staging)
-
-    def _exists(self) -> bool:
-        return (self._filepath / "defect_types.json").exists()
 
 
 class NestedArraysDataset(_PathDataset):
