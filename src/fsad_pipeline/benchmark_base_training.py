@@ -37,10 +37,10 @@ from fsad_pipeline.evaluation.metrics import image_auroc, pixel_auroc
 from fsad_pipeline.models.base_training import BaseTrainingConfig, train_registration_encoder
 from fsad_pipeline.models.features import extract_features
 from fsad_pipeline.models.registration import REGISTERED_PREFIX, EncoderConfig
-from fsad_pipeline.pipelines.synthesis.nodes import build_texture_bank
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.scoring.patch_scorers import fit_patch_scorers, score_patch_features
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
+from fsad_pipeline.synthesis.textures import TextureBank
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCORERS = ("knn", "gaussian")
@@ -97,7 +97,7 @@ def train_leave_one_out(
         for category, parts in split["categories"].items()
     }
     trained, history = train_registration_encoder(
-        images, encoder_config, config, build_texture_bank(params["synthesis"]["textures"]), name=name
+        images, encoder_config, config, TextureBank.from_parameters(params["synthesis"]["textures"]), name=name
     )
     trained.training.update({"target": target, "history": _finite(history)})
     trained.save(directory)

@@ -38,10 +38,10 @@ from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.defect_classifier import PooledEmbedder, PrototypeClassifier, residual_features
 from fsad_pipeline.models.features import extract_features
 from fsad_pipeline.models.memory_bank import MemoryBankScorer
-from fsad_pipeline.pipelines.synthesis.nodes import build_texture_bank
 from fsad_pipeline.scoring.defect_types import CLASSIFIER, METHODS, DefectTypeConfig, fit_on_shots, pretrain_residual_encoder
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
+from fsad_pipeline.synthesis.textures import TextureBank
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("fsad_pipeline.benchmark_defect_types")
@@ -83,7 +83,7 @@ def evaluate_category(name: str, args: argparse.Namespace, params: dict[str, Any
     device = args.device
     common = dict(image_size=image_size, batch_size=features.batch_size, device=device, dual_path=False, progress=False)
     extractor = features.build_extractor()
-    textures = build_texture_bank({**params["synthesis"]["textures"], "dtd_root": args.dtd_root})
+    textures = TextureBank.from_parameters({**params["synthesis"]["textures"], "dtd_root": args.dtd_root})
     defects = manifest[(manifest["split"] == "test") & (manifest["label"] == 1)].sort_values("path").reset_index(drop=True)
     started = time.perf_counter()
     defect_features = extract_features(extractor, load_images(defects["path"].tolist(), image_size), **common)

@@ -301,6 +301,16 @@ class TextureBank:
         self._cache: dict[str, np.ndarray] = {}
 
     @classmethod
+    def from_parameters(cls, textures: dict) -> TextureBank:
+        """The bank described by the ``synthesis.textures`` parameter block."""
+        return cls.from_sources(
+            textures.get("dtd_root") or None,
+            use_skimage=textures["use_skimage"],
+            gimp_dirs=tuple(textures["gimp_dirs"]),
+            procedural=textures["procedural"],
+        )
+
+    @classmethod
     def from_sources(
         cls,
         dtd_root: str | Path | None = None,

@@ -13,7 +13,7 @@ from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import training_history_figure
 from fsad_pipeline.models.base_training import BaseTrainingConfig, TrainedEncoder, train_registration_encoder
 from fsad_pipeline.models.registration import REGISTERED_PREFIX, EncoderConfig
-from fsad_pipeline.pipelines.synthesis.nodes import build_texture_bank
+from fsad_pipeline.synthesis.textures import TextureBank
 
 
 def select_base_images(base_training: dict, data: dict, seed: int) -> dict:
@@ -43,7 +43,7 @@ def train_base_encoder(
         for name, parts in base_split["categories"].items()
     }
     trained, history = train_registration_encoder(
-        categories, encoder_config, config, build_texture_bank(synthesis["textures"]), name=base_training["name"]
+        categories, encoder_config, config, TextureBank.from_parameters(synthesis["textures"]), name=base_training["name"]
     )
     trained.training["target"] = base_split["target"]
     summary = {

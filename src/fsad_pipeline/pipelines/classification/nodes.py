@@ -13,7 +13,6 @@ from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.defect_classifier import UNKNOWN
 from fsad_pipeline.models.features import select_device
-from fsad_pipeline.pipelines.synthesis.nodes import build_texture_bank
 from fsad_pipeline.scoring.defect_types import (
     CLASSIFIER,
     DefectTypeClassifiers,
@@ -21,6 +20,7 @@ from fsad_pipeline.scoring.defect_types import (
     fit_defect_type_classifiers,
 )
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+from fsad_pipeline.synthesis.textures import TextureBank
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def fit_defect_classifier(
         support_images,
         load_images(paths, int(image_size)),
         types,
-        build_texture_bank(textures),
+        TextureBank.from_parameters(textures),
         patch_scorers.scorers["knn"],
         patch_scorers.features,
         DefectTypeConfig.from_dict(classification),

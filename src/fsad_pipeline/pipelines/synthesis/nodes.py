@@ -21,12 +21,7 @@ def load_support_images(support_selection: dict, image_size: int, data: dict) ->
 
 
 def build_texture_bank(textures: dict) -> TextureBank:
-    return TextureBank.from_sources(
-        textures.get("dtd_root") or None,
-        use_skimage=textures["use_skimage"],
-        gimp_dirs=tuple(textures["gimp_dirs"]),
-        procedural=textures["procedural"],
-    )
+    return TextureBank.from_parameters(textures)
 
 
 def compute_foreground_masks(support_images: np.ndarray, method: str) -> np.ndarray:
