@@ -54,6 +54,12 @@ def test_collect_image_paths_expands_folders_and_reports_missing_inputs(inbox, t
     shutil.copytree(inbox / "line2", inbox / "results" / "overlays")
     shutil.copytree(inbox / "line2", inbox / ".staging")
     assert [p.split("/")[-1] for p in collect_image_paths(inbox, exclude=inbox / "results")[0]] == names
+    # A category folder's masks (MVTec ground_truth/, folder-drop masks/) are annotations, not parts;
+    # a folder named directly is still searched, and a mask named directly is still taken.
+    shutil.copytree(inbox / "line2", inbox / "ground_truth" / "crack")
+    shutil.copytree(inbox / "line2", inbox / "masks" / "crack")
+    assert [p.split("/")[-1] for p in collect_image_paths(inbox, exclude=inbox / "results")[0]] == names
+    assert len(collect_image_paths(inbox / "masks")[0]) == 1
 
 
 def test_every_readable_image_is_scored_and_the_unreadable_ones_listed(bundle, inbox, tmp_path):

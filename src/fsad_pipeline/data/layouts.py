@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 NORMAL = "good"
 SOURCES = ("mvtec", "folder", "textile")
+MVTEC_MASK_FOLDER = "ground_truth"
+FOLDER_DROP_MASK_FOLDER = "masks"
+#: Folders that hold annotation masks in the layouts above, never images to inspect.
+ANNOTATION_FOLDERS = (MVTEC_MASK_FOLDER, FOLDER_DROP_MASK_FOLDER)
 
 
 class LayoutError(FileNotFoundError):
@@ -77,7 +81,7 @@ def discover_mvtec(root: str | Path, category: str) -> list[ImageRecord]:
     test_dir = folder / "test"
     if not test_dir.is_dir():
         raise LayoutError(f"{test_dir} does not exist: an MVTec-layout category needs test/<good|defect_type>")
-    ground_truth = folder / "ground_truth"
+    ground_truth = folder / MVTEC_MASK_FOLDER
     has_masks = ground_truth.is_dir()
     if not has_masks:
         logger.info("%s has no ground_truth folder: pixel metrics will be skipped", folder)
@@ -111,7 +115,7 @@ def discover_folder(
         ImageRecord(str(p), "train" if i in train_idx else "test", 0, NORMAL, "") for i, p in enumerate(goods)
     ]
     defect_root = folder / "defect"
-    masks_root = folder / "masks"
+    masks_root = folder / FOLDER_DROP_MASK_FOLDER
     if defect_root.is_dir():
         for type_dir in sorted(p for p in defect_root.iterdir() if p.is_dir()):
             masks_expected = (masks_root / type_dir.name).is_dir()

@@ -28,6 +28,7 @@ import pandas as pd
 
 from fsad_pipeline.artifacts import atomic_directory, write_json, write_png
 from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, is_image_file
+from fsad_pipeline.data.layouts import ANNOTATION_FOLDERS
 from fsad_pipeline.evaluation.figures import heatmap_overlay_image
 from fsad_pipeline.scoring.batch import ScoredChunk, iter_scored_chunks
 from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS, ModelBundle
@@ -59,6 +60,8 @@ def _folder_images(folder: Path, recursive: bool, skip: Path | None) -> list[Pat
         relative = path.relative_to(folder).parts
         if any(part.startswith(".") for part in relative[:-1]) or not is_image_file(path):
             continue  # hidden folders (staging dirs, .git) are not inputs
+        if any(part in ANNOTATION_FOLDERS for part in relative[:-1]):
+            continue  # the masks of an MVTec category or a folder drop are annotations, not parts
         if skip is not None and path.resolve().is_relative_to(skip):
             continue  # an earlier run's overlays inside the inbox are not new images
         found.append(path)
@@ -71,8 +74,9 @@ def collect_image_paths(
     """Expand folders and files into image paths (sorted per folder, duplicates dropped).
 
     A file named directly is always taken (the reader decides whether it is an image); a
-    folder contributes its files with an image suffix, hidden files and folders and anything
-    under ``exclude`` (the run's output folder) left out. Inputs that do not exist come back
+    folder contributes its files with an image suffix, hidden files and folders, the layouts'
+    mask folders (``ground_truth/``, ``masks/``) and anything under ``exclude`` (the run's
+    output folder) left out. Inputs that do not exist come back
     as rejects.
     """
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
