@@ -125,6 +125,30 @@ def test_coreset_ratio_sets_bank_size() -> None:
         scorer.patch_scores(torch.zeros(1, 7, 5, 5))
 
 
+def test_leave_out_images_equals_a_refit_without_them() -> None:
+    support = torch.from_numpy(_random((4, 8, 5, 5), 11))
+    queries = torch.from_numpy(_random((3, 8, 5, 5), 12))
+    full = MemoryBankScorer(coreset_ratio=None, num_neighbors=3, backend="torch", progress=False).fit(support)
+    fold = full.leave_out_images(1, 3)
+    refit = MemoryBankScorer(coreset_ratio=None, num_neighbors=3, backend="torch", progress=False).fit(support[[0, 3]])
+    np.testing.assert_array_equal(fold.bank, refit.bank)  # without a coreset: exactly the refit
+    torch.testing.assert_close(fold.image_scores(queries), refit.image_scores(queries))
+    assert fold.num_support_patches == 50 and fold.source_rows.tolist() == list(range(50))
+    assert fold.leave_out_images(0, 1).bank.shape == (25, 8)  # renumbered rows: image 3 is now image 1
+
+
+def test_leave_out_images_drops_exactly_the_coreset_vectors_of_those_images() -> None:
+    support = torch.from_numpy(_random((4, 8, 5, 5), 13))
+    full = MemoryBankScorer(coreset_ratio=0.3, backend="torch", progress=False).fit(support)
+    from_image = full.source_rows // 25
+    fold = full.leave_out_images(2, 3)
+    np.testing.assert_array_equal(fold.bank, full.bank[from_image != 2])
+    patches = support.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    np.testing.assert_array_equal(full.bank, patches[full.source_rows])  # rows name their patch
+    with pytest.raises(ValueError, match="empty bank"):
+        full.leave_out_images(0, 4)
+
+
 @pytest.mark.parametrize(
     ("backend", "ivf_threshold"),
     [

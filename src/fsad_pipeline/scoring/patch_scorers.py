@@ -86,9 +86,12 @@ def _fit_scorers(
     defect_masks: np.ndarray | None,
     seed: int,
     progress: bool,
+    knn_scorer: MemoryBankScorer | None = None,
 ) -> dict[str, Any]:
+    """Every enabled scorer fitted on ``support_features``; ``knn_scorer``: a kNN bank already built for them."""
     scorers: dict[str, Any] = {}
-    knn_scorer = MemoryBankScorer(**knn, seed=seed, progress=progress).fit(support_features)
+    if knn_scorer is None:
+        knn_scorer = MemoryBankScorer(**knn, seed=seed, progress=progress).fit(support_features)
     scorers["knn"] = knn_scorer
     if gaussian.get("enabled", False):
         options = {k: v for k, v in gaussian.items() if k != "enabled"}
@@ -155,6 +158,9 @@ def fit_patch_scorers(
       it scores reads ~0 on it, which would make validation normals look perfect and bias the
       fusion weights and normalisation; left out, they behave like unseen normals. With one
       support there is nothing to leave out and the full scorers are used (said in the log).
+      The fold's kNN bank is the full coreset minus the vectors taken from support ``i``
+      (:meth:`MemoryBankScorer.leave_out_images`: no coreset pass per fold); the other scorers
+      are refitted on the remaining supports.
     * a view of labelled defect shot ``j`` (``validation_defect_shots``, −1 elsewhere) is scored
       by the normal scorers and by an anomalous bank fitted without shot ``j`` (with a single
       shot, by the full bank: optimistic, said in the log).
@@ -195,11 +201,12 @@ def fit_patch_scorers(
             rows = synthetic[sources[synthetic] == left_out]
             if rows.size == 0:
                 continue
+            first, stop = left_out * views, (left_out + 1) * views
             keep = torch.ones(len(augmented_support), dtype=torch.bool)
-            keep[left_out * views : (left_out + 1) * views] = False
+            keep[first:stop] = False
             fold = _fit_scorers(
                 support_features[keep], defect_features=defect_features, defect_masks=defect_masks,
-                progress=False, **options,
+                progress=False, knn_scorer=scorers["knn"].leave_out_images(first, stop), **options,
             )
             score_rows(fold, rows)
         info["validation"] = "leave-one-support-out"
