@@ -20,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 #: Tiny settings so the whole chain runs in seconds on 2 cores.
 TINY_PARAMS: dict[str, Any] = {
-    "parameters.yml": {"k_shot": 2, "image_size": 64, "seed": 0},
+    "parameters.yml": {"k_shot": 2, "image_size": 64, "seed": 0, "k_defect_shots": 0},  # the tests that need shots ask
     "parameters_ingestion.yml": {"data": {"source": "mvtec", "category": "widget"}},
     "parameters_synthesis.yml": {"synthesis": {"n_per_image": 4, "validation": {"n_per_image": 3}, "n_examples": 4}},
     "parameters_training.yml": {

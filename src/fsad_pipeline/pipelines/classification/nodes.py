@@ -42,7 +42,7 @@ def fit_defect_classifier(
     shots = {t: paths for t, paths in defect_shots.get("shots", {}).items() if paths}
     empty = DefectTypeClassifiers(patch_scorers.features, {})
     if not classification["enabled"] or not shots:
-        reason = "disabled" if not classification["enabled"] else "no labelled defect shots (k_defect_shots: 0)"
+        reason = "disabled" if not classification["enabled"] else "no labelled defect shots (k_defect_shots: 0, or no defect images)"
         logger.info("defect-type classification skipped: %s", reason)
         empty.info = {"skipped": reason}
         return empty, empty.info
