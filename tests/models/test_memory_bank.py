@@ -13,6 +13,7 @@ from fsad_pipeline.models.memory_bank import (
     MemoryBankScorer,
     NearestNeighbourIndex,
     faiss_available,
+    faiss_gpu_available,
 )
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
@@ -69,7 +70,10 @@ def test_ivf_above_threshold_is_exact_with_full_probe() -> None:
     torch.testing.assert_close(d_ivf, d_ref, atol=1e-5, rtol=0)
     default = NearestNeighbourIndex(ivf_threshold=100).build(bank)
     assert default.kind == "faiss_ivf" and default._index.nlist == round(4 * math.sqrt(400))
-    assert NearestNeighbourIndex(ivf_threshold=1000).build(bank).kind == "faiss_flat"
+    # auto below the IVF threshold: the exact torch search on a CPU (faster than faiss-cpu's flat index)
+    expected_flat = "faiss_gpu_flat" if faiss_gpu_available() else "torch"
+    assert NearestNeighbourIndex(ivf_threshold=1000).build(bank).kind == expected_flat
+    assert NearestNeighbourIndex(backend="faiss", ivf_threshold=1000, use_gpu=False).build(bank).kind == "faiss_flat"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

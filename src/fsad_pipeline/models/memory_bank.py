@@ -67,13 +67,14 @@ class NearestNeighbourIndex:
 
     Backends (``kind`` after :meth:`build`):
 
-    * ``faiss_flat`` — exact ``IndexFlatL2`` (default when faiss imports);
+    * ``faiss_flat`` — exact ``IndexFlatL2`` (``backend="faiss"``, or ``auto`` on a GPU);
     * ``faiss_ivf`` — ``IndexIVFFlat`` with ``nlist ≈ 4·√N`` when the bank has more than
       ``ivf_threshold`` vectors (approximate; exact when ``nprobe == nlist``);
     * ``faiss_gpu_flat`` / ``faiss_gpu_ivf`` — the same on a GPU when faiss has GPU support and
       CUDA is available (``use_gpu``);
     * ``torch`` — exact search (squared-distance matmul, as ``torch.cdist``, then ``topk``) in
-      query chunks; used when faiss is missing or ``backend="torch"``.
+      query chunks; ``auto`` uses it for CPU banks up to ``ivf_threshold`` (faster than
+      faiss-cpu's flat index here, see :meth:`_uses_faiss`), and whenever faiss is missing.
 
     With ``exact_distances`` (default) the distances of the returned neighbours are recomputed
     directly as ``‖q − b‖`` in float32 and the k neighbours re-sorted, so all backends return
@@ -98,7 +99,8 @@ class NearestNeighbourIndex:
     ) -> None:
         """
         Args:
-            backend: ``"auto"`` (faiss when it imports, else torch), ``"faiss"`` or ``"torch"``.
+            backend: ``"auto"`` (faiss for IVF banks and GPU indexes when it imports, else
+                exact torch), ``"faiss"`` or ``"torch"``.
             ivf_threshold: banks with more vectors than this use ``IndexIVFFlat`` (faiss only).
             nprobe: IVF cells visited per query (capped at ``nlist``).
             nlist: IVF cell count; None = ``round(4·√N)``.
@@ -147,7 +149,16 @@ class NearestNeighbourIndex:
         return 0 if self.bank is None else int(self.bank.shape[1])
 
     def _uses_faiss(self) -> bool:
-        return self.backend == "faiss" or (self.backend == "auto" and faiss is not None)
+        """``auto``: faiss where it pays (an IVF bank, or a GPU index), else the exact torch search.
+
+        On this project's 2-core CPU, torch's matrix-multiply search beat faiss-cpu's flat index
+        by 2.4-2.8x at the default banks (32 images of 1024 patches against 5.3k and 21k
+        vectors of 384 dims: 2.1 s against 5.1 s, 6.8 s against 19.4 s), so a flat faiss index
+        is only built when asked for (``backend="faiss"``).
+        """
+        if self.backend != "auto":
+            return self.backend == "faiss"
+        return faiss is not None and (self.size > self.ivf_threshold or (self.use_gpu and faiss_gpu_available()))
 
     def build(self, bank: np.ndarray | Tensor) -> NearestNeighbourIndex:
         """Index ``bank`` (N, D) and return ``self``."""
