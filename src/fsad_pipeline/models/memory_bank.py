@@ -74,7 +74,7 @@ class NearestNeighbourIndex:
       CUDA is available (``use_gpu``);
     * ``torch`` — exact search (squared-distance matmul, as ``torch.cdist``, then ``topk``) in
       query chunks; ``auto`` uses it for CPU banks up to ``ivf_threshold`` (faster than
-      faiss-cpu's flat index here, see :meth:`_uses_faiss`), and whenever faiss is missing.
+      faiss-cpu's flat index here, see :meth:`uses_faiss`), and whenever faiss is missing.
 
     With ``exact_distances`` (default) the distances of the returned neighbours are recomputed
     directly as ``‖q − b‖`` in float32 and the k neighbours re-sorted, so all backends return
@@ -148,8 +148,8 @@ class NearestNeighbourIndex:
         """Vector dimension (0 before :meth:`build`)."""
         return 0 if self.bank is None else int(self.bank.shape[1])
 
-    def _uses_faiss(self) -> bool:
-        """``auto``: faiss where it pays (an IVF bank, or a GPU index), else the exact torch search.
+    def uses_faiss(self, size: int) -> bool:
+        """Whether a bank of ``size`` vectors gets a faiss index. ``auto``: faiss where it pays (an IVF bank, or a GPU index), else the exact torch search.
 
         On this project's 2-core CPU, torch's matrix-multiply search beat faiss-cpu's flat index
         by 2.4-2.8x at the default banks (32 images of 1024 patches against 5.3k and 21k
@@ -158,7 +158,7 @@ class NearestNeighbourIndex:
         """
         if self.backend != "auto":
             return self.backend == "faiss"
-        return faiss is not None and (self.size > self.ivf_threshold or (self.use_gpu and faiss_gpu_available()))
+        return faiss is not None and (size > self.ivf_threshold or (self.use_gpu and faiss_gpu_available()))
 
     def build(self, bank: np.ndarray | Tensor) -> NearestNeighbourIndex:
         """Index ``bank`` (N, D) and return ``self``."""
@@ -166,7 +166,7 @@ class NearestNeighbourIndex:
         if self.size == 0:
             raise ValueError("cannot index an empty bank")
         self._bank_tensor = None
-        if self._uses_faiss():
+        if self.uses_faiss(self.size):
             self._build_faiss()
         else:
             self.kind = "torch"
@@ -579,8 +579,9 @@ class MemoryBankScorer:
         scorer.num_support_patches = metadata["num_support_patches"]
         bank = np.load(directory / BANK_FILE, allow_pickle=False)
         index_path = directory / INDEX_FILE
-        wants_faiss = scorer.backend != "torch" and faiss is not None
-        if index_path.exists() and wants_faiss:
+        # A saved faiss index is reused where this machine would build one for the bank (a
+        # model trained beside faiss-gpu, loaded on a CPU, searches with torch instead).
+        if index_path.exists() and NearestNeighbourIndex(**scorer._new_index()).uses_faiss(len(bank)):
             scorer.index = NearestNeighbourIndex.load(index_path, bank=bank, **scorer._new_index())
         else:
             scorer.index = NearestNeighbourIndex(**scorer._new_index()).build(bank)
