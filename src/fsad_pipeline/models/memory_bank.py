@@ -149,7 +149,9 @@ class NearestNeighbourIndex:
         return 0 if self.bank is None else int(self.bank.shape[1])
 
     def uses_faiss(self, size: int) -> bool:
-        """Whether a bank of ``size`` vectors gets a faiss index. ``auto``: faiss where it pays (an IVF bank, or a GPU index), else the exact torch search.
+        """Whether a bank of ``size`` vectors gets a faiss index.
+
+        ``auto``: faiss where it pays (an IVF bank, or a GPU index), else the exact torch search.
 
         On this project's 2-core CPU, torch's matrix-multiply search beat faiss-cpu's flat index
         by 2.4-2.8x at the default banks (32 images of 1024 patches against 5.3k and 21k
@@ -453,14 +455,14 @@ class MemoryBankScorer:
         self.num_support_patches = int(patches.shape[0])
         selected = torch.arange(patches.shape[0])
         if self.coreset_ratio is not None and self.coreset_ratio < 1.0:
-            selected = torch.as_tensor(kcenter_greedy(
+            selected = kcenter_greedy(
                 patches,
                 self.coreset_ratio,
                 projection_dim=self.projection_dim,
                 seed=self.seed,
                 progress=self.progress,
                 device=select_device(self.device),
-            ))
+            )
             patches = patches[selected]
         self.source_rows = selected.cpu().numpy().astype(np.int64)
         self.index = NearestNeighbourIndex(**self._new_index()).build(patches)
@@ -581,8 +583,9 @@ class MemoryBankScorer:
         index_path = directory / INDEX_FILE
         # A saved faiss index is reused where this machine would build one for the bank (a
         # model trained beside faiss-gpu, loaded on a CPU, searches with torch instead).
-        if index_path.exists() and NearestNeighbourIndex(**scorer._new_index()).uses_faiss(len(bank)):
+        index = NearestNeighbourIndex(**scorer._new_index())
+        if index_path.exists() and index.uses_faiss(len(bank)):
             scorer.index = NearestNeighbourIndex.load(index_path, bank=bank, **scorer._new_index())
         else:
-            scorer.index = NearestNeighbourIndex(**scorer._new_index()).build(bank)
+            scorer.index = index.build(bank)
         return scorer
