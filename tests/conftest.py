@@ -72,6 +72,24 @@ def make_mvtec_category(
     return folder
 
 
+def make_normals(rng: np.random.Generator, count: int, size: int = 64) -> np.ndarray:
+    """``count`` normal textures (count, size, size, 3) uint8."""
+    return np.stack([_texture(rng, size) for _ in range(count)])
+
+
+def make_pseudo_anomaly_set(rng: np.random.Generator, count: int, size: int):
+    """A :class:`PseudoAnomalySet` of ``count`` textures, every other one with a painted spot."""
+    from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+    normals = make_normals(rng, count, size)
+    images, masks = normals.copy(), np.zeros((count, size, size), np.uint8)
+    labels = np.arange(count) % 2
+    for i in np.flatnonzero(labels):
+        images[i], mask = _defect(normals[i], rng, "spot")
+        masks[i] = mask > 0
+    return PseudoAnomalySet(normals, images, masks, labels.astype(np.int64), (np.arange(count) * 2 // count).astype(np.int64))
+
+
 def make_folder_drop(root: Path, category: str = "part", *, n_good: int = 8, defects=None, size: int = 64, seed: int = 1) -> Path:
     """Write a factory drop (good/, defect/<type>/, masks/<type>/) under ``root/category``."""
     rng = np.random.default_rng(seed)
@@ -107,6 +125,8 @@ class DatasetFactory:
     mvtec_category = staticmethod(make_mvtec_category)
     folder_drop = staticmethod(make_folder_drop)
     write_image = staticmethod(write_image)
+    normals = staticmethod(make_normals)
+    pseudo_anomaly_set = staticmethod(make_pseudo_anomaly_set)
 
 
 @pytest.fixture
@@ -126,22 +146,11 @@ def tiny_model_parts() -> dict:
     from fsad_pipeline.pipelines.scoring.nodes import fit_score_fusion
     from fsad_pipeline.scoring.dfd_scorer import DFDScorer, FeatureConfig
     from fsad_pipeline.scoring.patch_scorers import fit_patch_scorers
-    from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
     size = 32
     rng = np.random.default_rng(0)
-
-    def sample_set(n: int) -> PseudoAnomalySet:
-        normals = np.stack([_texture(rng, size) for _ in range(n)])
-        images, masks = normals.copy(), np.zeros((n, size, size), np.uint8)
-        labels = np.arange(n) % 2
-        for i in np.flatnonzero(labels):
-            images[i], mask = _defect(normals[i], rng, "spot")
-            masks[i] = mask > 0
-        return PseudoAnomalySet(normals, images, masks, labels.astype(np.int64), (np.arange(n) * 2 // n).astype(np.int64))
-
-    train, validation = sample_set(8), sample_set(8)
-    support = np.stack([_texture(rng, size) for _ in range(2)])
+    train, validation = make_pseudo_anomaly_set(rng, 8, size), make_pseudo_anomaly_set(rng, 8, size)
+    support = make_normals(rng, 2, size)
     features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=size, batch_size=8)
     dfd = DFDScorer.fit(
         train, validation, features=features, device="cpu", progress=False,

@@ -18,7 +18,6 @@ import torch
 
 from fsad_pipeline.models.dfd_training import DFDTrainConfig
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer, FeatureConfig
-from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 DEVICE = os.environ.get("FSAD_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set FSAD_TEST_DEVICE to run on another)")
@@ -26,32 +25,10 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set FSAD
 SIZE = 64
 
 
-def _normals(rng: np.random.Generator, count: int, size: int = SIZE) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
-    images = []
-    for _ in range(count):
-        base = 0.5 + 0.25 * np.sin(xx * 0.8 + rng.uniform(0, 0.3)) * np.sin(yy * 0.8)
-        image = np.stack([base, base * 0.9, base * 0.8], axis=2) + rng.normal(0, 0.03, (size, size, 3))
-        images.append(np.clip(image * 255, 0, 255).astype(np.uint8))
-    return np.stack(images)
-
-
-def _with_spots(normals: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    images, masks = normals.copy(), np.zeros(normals.shape[:3], np.uint8)
-    for i in range(len(images)):
-        cy, cx = rng.integers(SIZE // 4, 3 * SIZE // 4, size=2)
-        masks[i, cy - 5 : cy + 5, cx - 5 : cx + 5] = 1
-        images[i][masks[i] > 0] = (240, 240, 20)
-    return images, masks
-
-
-def _pseudo_set(rng: np.random.Generator, count: int) -> PseudoAnomalySet:
-    normals = _normals(rng, count)
-    labels = np.arange(count) % 2
-    spotted, spot_masks = _with_spots(normals, rng)
-    images = np.where(labels[:, None, None, None] == 1, spotted, normals)
-    masks = spot_masks * labels[:, None, None].astype(np.uint8)
-    return PseudoAnomalySet(normals, images, masks, labels.astype(np.int64), (np.arange(count) * 2 // count).astype(np.int64))
+def _normals_then_defects(datasets, rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` test images: the normal half first, then the half with a painted spot."""
+    samples = datasets.pseudo_anomaly_set(rng, count, SIZE)
+    return samples.images[np.argsort(samples.labels, kind="stable")]
 
 
 def _on_device(module: torch.nn.Module) -> set[str]:
@@ -68,9 +45,9 @@ def _used_the_device() -> bool:
     return torch.device(DEVICE).type != "cuda" or torch.cuda.max_memory_allocated() > 0
 
 
-def test_dfd_trains_on_the_device_and_its_artifact_scores_alike_on_cpu(tmp_path):
+def test_dfd_trains_on_the_device_and_its_artifact_scores_alike_on_cpu(tmp_path, datasets):
     rng = np.random.default_rng(0)
-    train, validation = _pseudo_set(rng, 8), _pseudo_set(rng, 8)
+    train, validation = datasets.pseudo_anomaly_set(rng, 8, SIZE), datasets.pseudo_anomaly_set(rng, 8, SIZE)
     features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=SIZE, batch_size=8)
     _reset_peak_memory()
     scorer = DFDScorer.fit(
@@ -79,7 +56,7 @@ def test_dfd_trains_on_the_device_and_its_artifact_scores_alike_on_cpu(tmp_path)
     )
     # The scorer keeps its model on the CPU between calls and moves it to its device to score.
     assert _used_the_device() and torch.device(scorer.device).type == torch.device(DEVICE).type
-    test_images = np.concatenate([_normals(rng, 3), _with_spots(_normals(rng, 3), rng)[0]])
+    test_images = _normals_then_defects(datasets, rng, 6)
     on_device = scorer.score(test_images)
     assert np.isfinite(on_device["pred_score"]).all() and on_device["anomaly_map"].shape == (6, SIZE, SIZE)
 
@@ -89,13 +66,13 @@ def test_dfd_trains_on_the_device_and_its_artifact_scores_alike_on_cpu(tmp_path)
     np.testing.assert_allclose(on_cpu["anomaly_map"], on_device["anomaly_map"], rtol=1e-2, atol=1e-2)  # TF32 convolutions on the GPU
 
 
-def test_memory_bank_and_gaussian_on_the_device_match_cpu():
+def test_memory_bank_and_gaussian_on_the_device_match_cpu(datasets):
     from fsad_pipeline.models.features import extract_features
     from fsad_pipeline.scoring.patch_scorers import fit_patch_scorers, score_patch_features
 
     rng = np.random.default_rng(1)
-    support = _normals(rng, 4)
-    queries = np.concatenate([_normals(rng, 2), _with_spots(_normals(rng, 2), rng)[0]])
+    support = datasets.normals(rng, 4, SIZE)
+    queries = _normals_then_defects(datasets, rng, 4)
     features = FeatureConfig(image_size=SIZE, batch_size=4)
     outputs = {}
     for device in ("cpu", DEVICE):
@@ -113,13 +90,13 @@ def test_memory_bank_and_gaussian_on_the_device_match_cpu():
         assert outputs[DEVICE][name]["pred_score"][2:].min() > outputs[DEVICE][name]["pred_score"][:2].max(), name
 
 
-def test_base_training_runs_on_the_device_and_registers_a_cpu_loadable_encoder(tmp_path):
+def test_base_training_runs_on_the_device_and_registers_a_cpu_loadable_encoder(tmp_path, datasets):
     from fsad_pipeline.models.base_training import BaseTrainingConfig, train_registration_encoder
     from fsad_pipeline.models.registration import EncoderConfig, load_registered_encoder
     from fsad_pipeline.synthesis.textures import TextureBank
 
     rng = np.random.default_rng(2)
-    categories = {name: {"train": _normals(rng, 5, 32), "validation": _normals(rng, 2, 32)} for name in ("alpha", "beta")}
+    categories = {name: {"train": datasets.normals(rng, 5, 32), "validation": datasets.normals(rng, 2, 32)} for name in ("alpha", "beta")}
     config = BaseTrainingConfig.from_dict({
         "image_size": 32, "epochs": 1, "batch_size": 4, "views_per_image": 2, "lr": 1e-3, "progress": False, "device": DEVICE,
         "validation": {"support_images": 2, "anomalies_per_image": 1, "foreground": "none", "feature_dim": 16, "include_initial": False},
