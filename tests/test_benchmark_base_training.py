@@ -1,4 +1,4 @@
-from fsad_pipeline.benchmark_base_training import load_parameters, markdown
+from fsad_pipeline.benchmark.base_training import load_parameters, markdown
 
 
 def _row(target, backbone, k, round_index, image, pixel):

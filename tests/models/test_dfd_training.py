@@ -208,3 +208,26 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for key in before:
         assert torch.equal(before[key], after[key]), key
     assert isinstance(stats, NormalizationStats)
+
+
+def test_patience_stops_when_validation_stops_improving() -> None:
+    # A criterion that peaks at meta-epoch 1 and only falls after: with patience 2 training ends
+    # after meta-epoch 3 (two epochs without a better score) and keeps meta-epoch 1's weights.
+    calls = iter([0.5, 0.9, 0.8, 0.7, 0.95, 0.99])
+    result = train_dfd(
+        _train_features(), _config(meta_epochs=6, patience=2), validation=_validation(),
+        progress=False, score_fn=lambda *_: next(calls),
+    )
+    assert len(result.history) == 4
+    assert result.best_meta_epoch == 1
+    assert [r["early_stop"] for r in result.history] == [False, False, False, True]
+
+
+def test_without_patience_every_meta_epoch_runs() -> None:
+    calls = iter([0.9, 0.5, 0.4])
+    result = train_dfd(
+        _train_features(), _config(meta_epochs=3), validation=_validation(), progress=False, score_fn=lambda *_: next(calls)
+    )
+    assert len(result.history) == 3 and result.best_meta_epoch == 0
+    with pytest.raises(ValueError, match="patience"):
+        _config(patience=0)

@@ -28,7 +28,7 @@ def test_promoted_dfd_run_scores_new_images_like_the_run_itself(tiny_project, tm
     manifest = json.loads((store.champion_path / "bundle.json").read_text())
     metrics = json.loads(tiny_project.path("data/08_reporting/metrics.json").read_text())
     assert manifest["metrics"]["image_auroc"] == metrics["image_auroc"] and len(manifest["data_fingerprint"]) == 64
-    assert manifest["image_size"] == 64 and manifest["config_version"] == 1 and manifest["k_shot"] == 2
+    assert manifest["image_size"] == [64, 64] and manifest["config_version"] == 1 and manifest["k_shot"] == 2
     # The tiny run fuses dfd + knn + gaussian; the bundle carries exactly those.
     assert set(manifest["scorers"]) == set(metrics["scorers"]) == {"dfd", "knn", "gaussian"}
     with pytest.raises(StoreError, match="already holds v0001"):

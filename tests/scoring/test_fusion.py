@@ -1,45 +1,245 @@
+import json
+
 import numpy as np
+import pytest
 
-from fsad_pipeline.scoring.fusion import Fusion, fit_fusion
+from fsad_pipeline.evaluation.metrics import image_auroc, pixel_auroc
+from fsad_pipeline.scoring.fusion import (
+    Fusion,
+    ScoreStats,
+    candidate_weights,
+    fit_fusion,
+    fusion_summary,
+    select_weights,
+)
+
+SIZE = 8
 
 
-def _outputs(scores: np.ndarray, size: int = 8) -> dict:
+def _outputs(scores: np.ndarray, size: int = SIZE) -> dict:
+    """Maps equal to the image score everywhere (a scorer whose map carries no localisation)."""
     maps = np.repeat(scores[:, None, None], size * size, axis=1).reshape(len(scores), size, size).astype(np.float32)
     return {"anomaly_map": maps, "pred_score": scores.astype(np.float32)}
 
 
-def test_informative_scorer_outweighs_noise_and_round_trips():
+def _defect_masks(labels: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Anomalous rows have a defect in their top-left quarter."""
+    masks = np.zeros((len(labels), size, size), np.uint8)
+    masks[labels == 1, : size // 2, : size // 2] = 1
+    return masks
+
+
+def _localising_maps(masks: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    return (masks + noise * rng.standard_normal(masks.shape)).astype(np.float32)
+
+
+def test_noise_scorer_gets_no_weight_and_fused_auroc_matches_the_good_scorer():
     rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 30)
+    good = labels + 0.6 * rng.standard_normal(60)  # informative but not perfect
+    noise = rng.standard_normal(60)
+    outputs = {"noise": _outputs(noise), "good": _outputs(good)}
+    fitted = fit_fusion(outputs, labels, n_trials=200, seed=0)
+    assert fitted.score_weights["noise"] < 0.1 and fitted.score_weights["good"] > 0.9
+    fused = image_auroc(labels, fitted.fuse(outputs)["pred_score"])
+    assert fused >= image_auroc(labels, good) - 0.005
+    report = fitted.validation
+    assert report["scorers"]["good"]["image_auroc"] == pytest.approx(image_auroc(labels, good))
+    assert report["fused"]["image_auroc"] == pytest.approx(fused)
+    assert "min_gain" in fitted.search["scores"]["reason"]
+
+
+def test_score_and_map_weights_follow_their_own_validation_metric():
+    """Scorer A ranks images well but its map does not localise; B localises but its image score is noise."""
+    rng = np.random.default_rng(1)
     labels = np.array([0] * 20 + [1] * 20)
-    good = labels + 0.3 * rng.standard_normal(40)
-    noise = rng.standard_normal(40)
-    fitted = fit_fusion({"good": _outputs(good), "noise": _outputs(noise)}, labels, n_trials=200, seed=0)
-    assert fitted.search["method"] == "monte_carlo"
-    assert fitted.weights["good"] > fitted.weights["noise"]
-    again = Fusion.from_dict(fitted.to_dict())
-    outputs = {"good": _outputs(good), "noise": _outputs(noise)}
-    np.testing.assert_allclose(again.fuse(outputs)["pred_score"], fitted.fuse(outputs)["pred_score"])
+    masks = _defect_masks(labels)
+    a = _outputs(labels + 0.2 * rng.standard_normal(40))
+    a["anomaly_map"] = rng.standard_normal(masks.shape).astype(np.float32)
+    b = {"anomaly_map": _localising_maps(masks, rng, 0.3), "pred_score": rng.standard_normal(40).astype(np.float32)}
+    fitted = fit_fusion({"a": a, "b": b}, labels, masks, n_trials=50, seed=0)
+    assert fitted.score_weights["a"] > 0.9 and fitted.map_weights["b"] > 0.9
+    fused = fitted.fuse({"a": a, "b": b})
+    assert pixel_auroc(masks, fused["anomaly_map"]) >= pixel_auroc(masks, b["anomaly_map"]) - 0.005
+    assert fitted.validation["scorers"]["b"]["pixel_auroc"] > 0.9 > fitted.validation["scorers"]["a"]["pixel_auroc"]
+
+
+def test_normal_only_normalisation_maps_held_out_normals_to_zero_one():
+    """Statement: after normalisation the normals' median is 0 and their ``normal_quantile``
+    quantile is 1 (so at least that fraction of them lies at or below 1); with fewer normals than
+    the quantile resolves (n·(1−q) < 1) their maximum is 1. Anomalies do not move the scale."""
+    rng = np.random.default_rng(2)
+    many, few = rng.gamma(2.0, 1.0, 200), rng.gamma(2.0, 1.0, 6)
+    for normals in (many, few):
+        anomalies = np.array([50.0, 1e4])  # an extreme anomaly must not squeeze the normals
+        scores = np.r_[normals, anomalies]
+        labels = np.r_[np.zeros(normals.size), np.ones(2)].astype(int)
+        maps = np.repeat(scores[:, None, None], 4, axis=1).reshape(-1, 2, 2)
+        stats = ScoreStats.from_normals(maps, scores, labels == 0, normal_quantile=0.95, normal_pixel_quantile=0.95)
+        normalised = stats.normalise_scores(scores)[labels == 0]
+        assert np.median(normalised) == pytest.approx(0.0, abs=1e-12)
+        if normals.size * 0.05 >= 1:
+            assert np.quantile(normalised, 0.95) == pytest.approx(1.0)
+            assert np.mean(normalised <= 1.0 + 1e-9) >= 0.95
+        else:
+            assert normalised.max() == pytest.approx(1.0)
+        assert stats.sources == {"map": "normals", "score": "normals"}
+        assert stats.normalise_scores(anomalies)[0] > 1.0
+        np.testing.assert_allclose(stats.normalise_maps(maps)[:, 0, 0], stats.normalise_scores(scores), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_scorer_falls_back_to_all_rows_then_unit_scale():
+    labels = np.array([0, 0, 0, 1])
+    scores = np.array([2.0, 2.0, 2.0, 6.0])
+    maps = np.zeros((4, 2, 2), np.float32)
+    stats = ScoreStats.from_normals(maps, scores, labels == 0)
+    assert (stats.score_scale, stats.sources["score"]) == (4.0, "all_rows")
+    assert (stats.map_scale, stats.sources["map"]) == (1.0, "unit")
+    assert np.isfinite(stats.normalise_scores(scores)).all() and np.isfinite(stats.normalise_maps(maps)).all()
+
+
+def test_saturated_validation_picks_one_scorer_by_separation():
+    """Every scorer separates perfectly: the simplest candidate (one scorer) wins, the one whose
+    anomalies lie farthest above the normals' spread."""
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 20 + [1] * 10)
+    normals = rng.uniform(0, 1, 20)
+    near = np.r_[normals, 1.5 + rng.uniform(0, 0.1, 10)]
+    far = np.r_[normals[::-1], 10.0 + rng.uniform(0, 0.1, 10)]
+    fitted = fit_fusion({"near": _outputs(near), "far": _outputs(far)}, labels, n_trials=20, seed=0)
+    assert fitted.score_weights == {"near": 0.0, "far": 1.0}
+    assert fitted.search["scores"]["method"] == "subset"
+    assert "separation" in fitted.search["scores"]["reason"]
+
+
+def test_a_more_complex_candidate_needs_min_gain():
+    vectors, monte_carlo = candidate_weights(2, 3, seed=0)
+    assert vectors.shape == (3 + 3, 2) and monte_carlo.tolist() == [False] * 3 + [True] * 3
+    np.testing.assert_allclose(vectors.sum(axis=1), 1.0)
+    separations = np.zeros(len(vectors))
+    objectives = np.array([0.89, 0.80, 0.903, 0.95, 0.5, 0.5])  # one-hot a, one-hot b, equal, Monte-Carlo...
+    assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.1)[0] == 0
+    assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.01)[0] == 3
+    assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.0)[0] == 3
+    objectives[3] = 0.904  # within 0.005 of equal (0.903) -> equal weights, the simpler of the two
+    assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.005)[0] == 2
 
 
 def test_equal_weights_when_validation_cannot_discriminate():
     labels = np.zeros(10, int)
     scores = np.linspace(0, 1, 10)
     fitted = fit_fusion({"a": _outputs(scores), "b": _outputs(scores[::-1])}, labels)
-    assert fitted.weights == {"a": 0.5, "b": 0.5} and fitted.search["reason"] == "single-class validation"
+    assert fitted.score_weights == fitted.map_weights == {"a": 0.5, "b": 0.5}
+    assert fitted.search["scores"]["reason"] == "single-class validation"
 
 
-def test_pixel_term_ignores_rows_without_a_known_mask():
-    labels = np.array([0, 0, 1, 1])
-    masks = np.zeros((4, 8, 8), np.uint8)
-    masks[2, :4] = 1
-    scores = np.array([0.1, 0.2, 0.9, 0.95])
-    maps = _outputs(scores)
-    maps["anomaly_map"][2, 4:] = 0.0  # the defect's map is high exactly on its mask
-    known = np.array([True, True, True, False])  # row 3: a labelled defect without ground truth (empty mask)
-    outputs = {"a": maps, "b": _outputs(scores)}
-    # n_trials=0: equal weights, and the search record holds their validation objective.
-    with_known = fit_fusion(outputs, labels, masks, mask_known=known, pixel_weight=1.0, n_trials=0)
-    without = fit_fusion(outputs, labels, masks, pixel_weight=1.0, n_trials=0)
-    assert with_known.search["validation_objective"] == 2.0  # image AUROC 1 + pixel AUROC 1
-    # Counting row 3's all-high map against an empty mask lowers the pixel AUROC.
-    assert without.search["validation_objective"] < 2.0
+def test_pixel_objective_ignores_rows_without_a_known_mask():
+    rng = np.random.default_rng(4)
+    labels = np.array([0] * 6 + [1] * 6)
+    masks = _defect_masks(labels)
+    known = np.ones(12, bool)
+    known[-1] = False  # a labelled defect without ground truth: its mask is empty although the label is 1
+    masks[-1] = 0
+    good = _localising_maps(_defect_masks(labels), rng, 0.1)  # high on the real defect of every anomalous row
+    outputs = {"a": {"anomaly_map": good, "pred_score": labels.astype(np.float32)}}
+    with_known = fit_fusion(outputs, labels, masks, mask_known=known)
+    without = fit_fusion(outputs, labels, masks)
+    assert with_known.validation["scorers"]["a"]["pixel_auroc"] == 1.0
+    # Counting row 11's defect pixels as negatives (its mask is empty) lowers the pixel AUROC.
+    assert without.validation["scorers"]["a"]["pixel_auroc"] < 1.0
+    assert with_known.validation["pixel_rows"] == 11
+
+
+def test_pixel_sampling_keeps_every_defect_pixel_and_is_deterministic():
+    rng = np.random.default_rng(5)
+    labels = np.array([0] * 10 + [1] * 10)
+    masks = _defect_masks(labels, 16)
+    maps = _localising_maps(masks, rng, 0.5)
+    outputs = {"a": {"anomaly_map": maps, "pred_score": labels.astype(np.float32)}}
+    first = fit_fusion(outputs, labels, masks, max_pixels=2000)
+    again = fit_fusion(outputs, labels, masks, max_pixels=2000)
+    defect_pixels = int(masks.sum())
+    assert defect_pixels < first.validation["pixels_sampled"] <= 2000  # every defect pixel + sampled normal ones
+    assert first.validation == again.validation
+    # An unbiased sample: close to the exact pixel AUROC over all pixels.
+    exact = pixel_auroc(masks, first.fuse(outputs)["anomaly_map"])
+    assert abs(first.validation["scorers"]["a"]["pixel_auroc"] - exact) < 0.02
+
+
+def test_per_family_auroc_when_the_validation_names_families():
+    rng = np.random.default_rng(6)
+    labels = np.array([0] * 10 + [1] * 10)
+    families = np.array(["none"] * 10 + ["cutpaste"] * 5 + ["perlin"] * 5)
+    scores = np.r_[rng.uniform(0, 1, 10), rng.uniform(0, 1, 5), 5 + rng.uniform(0, 1, 5)]
+    fitted = fit_fusion({"a": _outputs(scores), "b": _outputs(-scores)}, labels, families=families, n_trials=5)
+    per_family = fitted.validation["per_family"]
+    assert set(per_family) == {"cutpaste", "perlin"}
+    assert per_family["perlin"]["a"] == 1.0 and per_family["perlin"]["b"] == 0.0
+    assert set(per_family["perlin"]) == {"a", "b", "fused"}
+
+
+def test_round_trip_through_json():
+    rng = np.random.default_rng(7)
+    labels = np.array([0] * 10 + [1] * 10)
+    masks = _defect_masks(labels)
+    outputs = {
+        "a": _outputs(labels + 0.3 * rng.standard_normal(20)),
+        "b": {"anomaly_map": _localising_maps(masks, rng, 0.3), "pred_score": rng.standard_normal(20).astype(np.float32)},
+    }
+    fitted = fit_fusion(outputs, labels, masks, n_trials=10)
+    again = Fusion.from_dict(json.loads(json.dumps(fitted.to_dict(), allow_nan=False)))
+    assert again.score_weights == fitted.score_weights and again.map_weights == fitted.map_weights
+    assert again.scorers == ["a", "b"] and again.weights == fitted.score_weights
+    for key in ("pred_score", "anomaly_map"):
+        np.testing.assert_array_equal(again.fuse(outputs)[key], fitted.fuse(outputs)[key])
+
+
+def test_old_format_fusion_record_still_loads_and_fuses_as_before():
+    """A record of the earlier scheme (min/max stats, one ``weights`` dict), as saved bundles hold."""
+    old = {
+        "weights": {"dfd": 0.25, "knn": 0.75},
+        "stats": {
+            "dfd": {"map_min": 0.0, "map_max": 2.0, "score_min": 1.0, "score_max": 3.0},
+            "knn": {"map_min": 1.0, "map_max": 1.0, "score_min": -1.0, "score_max": 1.0},  # constant map
+        },
+        "search": {"method": "equal", "reason": "no gain"},
+        "threshold": {"method": "f1_max", "threshold": 0.5},
+        "scorers": ["dfd", "knn"],
+    }
+    fusion = Fusion.from_dict(old)
+    assert fusion.scorers == ["dfd", "knn"] and fusion.map_weights == fusion.score_weights == old["weights"]
+    maps = np.full((1, 2, 2), 1.0, np.float32)
+    fused = fusion.fuse({"dfd": {"anomaly_map": maps, "pred_score": np.array([2.0])},
+                         "knn": {"anomaly_map": maps, "pred_score": np.array([0.0])}})
+    # dfd: (2-1)/2 = 0.5; knn: (0+1)/2 = 0.5 -> 0.5; maps: dfd (1-0)/2 = 0.5, knn (1-1)/1e-12 = 0 -> 0.125
+    np.testing.assert_allclose(fused["pred_score"], [0.5])
+    np.testing.assert_allclose(fused["anomaly_map"], 0.125)
+
+
+def test_metrics_summary_reads_both_fusion_formats():
+    rng = np.random.default_rng(8)
+    labels = np.array([0] * 10 + [1] * 10)
+    outputs = {"a": _outputs(labels + 0.2 * rng.standard_normal(20)), "b": _outputs(rng.standard_normal(20))}
+    new = {**fit_fusion(outputs, labels, _defect_masks(labels), families=np.where(labels, "perlin", "none")).to_dict(),
+           "threshold": {"method": "f1_max", "threshold": 1.0}}
+    new["validation"].update({"validation_images": 20, "validation_anomalous": 10})
+    summary = fusion_summary(new)
+    assert summary["fusion_weights"] == new["score_weights"] and summary["fusion_map_weights"] == new["map_weights"]
+    validation = summary["validation"]
+    assert (validation["images"], validation["anomalous"]) == (20, 10)
+    assert set(validation["scorers"]) == {"a", "b"} and "image_auroc" in validation["fused"]
+    assert set(validation["per_family"]) == {"perlin"} and validation["score_selection"]
+    old = {"weights": {"a": 0.5, "b": 0.5}, "stats": {}, "search": {"method": "equal", "reason": "no gain"}}
+    summary = fusion_summary(old)
+    assert summary["fusion_weights"] == summary["fusion_map_weights"] == old["weights"]
+    assert summary["fusion_method"] == "equal" and summary["validation"]["scorers"] == {}
+
+
+def test_repeated_normal_rows_count_once_for_the_few_normals_rule():
+    """The validation repeats each support image: 4 distinct normals x 10 rows still use the max."""
+    normals = np.repeat([1.0, 2.0, 3.0, 4.0], 10)
+    scores = np.r_[normals, 9.0]
+    labels = np.r_[np.zeros(40), 1].astype(int)
+    stats = ScoreStats.from_normals(np.zeros((41, 2, 2)), scores, labels == 0, normal_quantile=0.95)
+    assert stats.normalise_scores(normals).max() == pytest.approx(1.0)
+    assert stats.score_loc == pytest.approx(2.5)

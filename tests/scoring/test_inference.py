@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fsad_pipeline.data.images import read_image, resize_image
+from fsad_pipeline.data.geometry import fit_to_size
+from fsad_pipeline.data.images import read_image
 from fsad_pipeline.scoring.inference import NoImagesError, collect_image_paths, inspect_images, run_inspection
 from fsad_pipeline.scoring.model_bundle import BundleMismatchError, export_bundle, load_bundle
 
@@ -71,8 +72,9 @@ def test_every_readable_image_is_scored_and_the_unreadable_ones_listed(bundle, i
     assert [p.split("/")[-1] for p in rejects["path"]] == ["d_corrupt.png", "e_empty.png"]
     assert "zero-byte" in rejects["reason"].iloc[1] and "cannot decode" in rejects["reason"].iloc[0]
 
-    # Scores are exactly what the bundle's ensemble gives for the same resized images.
-    images = np.stack([resize_image(read_image(p), 32) for p in predictions["path"]])
+    # Scores are exactly what the bundle's ensemble gives for the same images fitted to its size
+    # (c_wide.png keeps its aspect: centre-cropped, not squeezed).
+    images = np.stack([fit_to_size(read_image(p), 32) for p in predictions["path"]])
     expected = bundle.ensemble().score(images)
     np.testing.assert_allclose(predictions["pred_score"], expected["pred_score"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(predictions["score_knn"], expected["per_scorer"]["knn"]["pred_score"], rtol=1e-6)

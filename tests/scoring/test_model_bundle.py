@@ -42,7 +42,7 @@ def bundle_dir(tmp_path, tiny_model_parts):
 def test_round_trip_scores_exactly_like_the_pipeline_objects(bundle_dir, tiny_model_parts):
     manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == BUNDLE_FORMAT_VERSION and manifest["config_version"] == 1
-    assert manifest["backbone"] == "efficientnet_lite0" and manifest["image_size"] == 32
+    assert manifest["backbone"] == "efficientnet_lite0" and manifest["image_size"] == [32, 32]
     assert manifest["features"]["dfd"]["target_dim"] == 16 and manifest["features"]["patch_scorers"]["image_size"] == 32
     assert manifest["scorers"] == ["dfd", "knn"] and manifest["threshold"] == tiny_model_parts["fusion"]["threshold"]
     assert manifest["metrics"] == {"image_auroc": 0.75} and manifest["data_fingerprint"] == "abc123"
@@ -89,7 +89,7 @@ def test_missing_or_changed_files_are_refused(tmp_path, bundle_dir):
     fusion.write_text(fusion.read_text().replace("0", "1", 1))
     with pytest.raises(BundleError, match="fusion.json has changed"):
         verify_bundle(bundle_dir)
-    assert verify_bundle(bundle_dir, check_files=False)["image_size"] == 32
+    assert verify_bundle(bundle_dir, check_files=False)["image_size"] == [32, 32]
     (bundle_dir / "dfd" / "dfd.safetensors").unlink()
     with pytest.raises(BundleError, match="dfd.safetensors is missing"):
         load_bundle(bundle_dir)
@@ -223,3 +223,14 @@ def test_export_and_promote_never_silently_replaces_a_champion(tmp_path, tiny_mo
         export_and_promote(store, {"reason": "second"}, replace_champion=False, **kwargs)
     assert export_and_promote(store, {"reason": "forced"}, replace_champion=True, **kwargs).version == "v0002"
     assert not [p for p in store.root.iterdir() if p.name.startswith(".candidate-")]  # scratch moved or removed
+
+
+def test_an_old_bundles_int_image_size_loads_as_a_square(bundle_dir):
+    manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    (bundle_dir / MANIFEST_FILE).write_text(json.dumps({**manifest, "image_size": 32}))
+    bundle = load_bundle(bundle_dir, expect={"image_size": 32}, device="cpu")
+    assert bundle.image_size == (32, 32) and bundle.ensemble().image_size == (32, 32)
+    # An int expectation is the short side of the working size; a pair must match exactly.
+    with pytest.raises(BundleMismatchError, match="image_size"):
+        verify_bundle(bundle_dir, expect={"image_size": [32, 64]}, check_files=False)
+    assert verify_bundle(bundle_dir, expect={"image_size": [32, 32]}, check_files=False)["image_size"] == 32

@@ -7,6 +7,7 @@ from fsad_pipeline.synthesis.anomalies import (
     blend_anomaly,
     build_pseudo_anomaly_set,
     make_pseudo_anomaly,
+    paste_texture_anomaly,
     rotate_image,
 )
 from fsad_pipeline.synthesis.foreground import foreground_mask
@@ -116,3 +117,50 @@ def test_validate_catches_bad_dtype():
     good.labels = good.labels.astype(np.int32)
     with pytest.raises(ValueError, match="labels"):
         good.validate()
+
+
+def test_family_defaults_concat_and_validation():
+    masks = np.zeros((3, 4, 4), np.uint8)
+    masks[1, 1, 1] = 1
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    synthetic = PseudoAnomalySet(images, images, masks, np.array([0, 1, 0]), np.zeros(3, np.int64))
+    assert synthetic.family.tolist() == ["normal", "perlin", "normal"]  # sets made before families existed
+    real = PseudoAnomalySet(images[:1], images[:1], masks[1:2], np.ones(1, np.int64), np.full(1, -1),
+                            defect_shot=np.zeros(1, np.int64))
+    assert real.family.tolist() == ["real"]
+    merged = synthetic.concat(real)
+    assert merged.family.tolist() == ["normal", "perlin", "normal", "real"]
+    custom = PseudoAnomalySet(images, images, masks, np.array([0, 1, 0]), np.zeros(3, np.int64),
+                              family=np.array(["normal", "scratch", "normal"], dtype=object))
+    assert custom.family.dtype.kind == "U" and custom.validate().family[1] == "scratch"
+    custom.family = np.array(["normal", "normal", "normal"])
+    with pytest.raises(ValueError, match="label-0 rows"):
+        custom.validate()
+
+
+def test_old_sample_set_without_family_column_loads_as_perlin(tmp_path):
+    import pandas as pd
+
+    from fsad_pipeline.artifacts import load_sample_set, save_sample_set
+
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[1, 2:4, 2:4] = 1
+    images = np.full((2, 8, 8, 3), 100, np.uint8)
+    samples = PseudoAnomalySet(images, images, masks, np.array([0, 1]), np.zeros(2, np.int64))
+    save_sample_set(tmp_path / "set", samples)
+    table = pd.read_csv(tmp_path / "set" / "samples.csv")
+    assert table["family"].tolist() == ["normal", "perlin"]
+    table.drop(columns=["family"]).to_csv(tmp_path / "set" / "samples.csv", index=False)
+    assert load_sample_set(tmp_path / "set").family.tolist() == ["normal", "perlin"]
+
+
+def test_paste_texture_anomaly_matches_make_pseudo_anomaly(bank):
+    image = _object_image()
+    foreground = foreground_mask(image, "auto")
+    sample = make_pseudo_anomaly(image, np.random.default_rng(4), bank, foreground=foreground,
+                                 anomaly_probability=1.0, rotation_range=(0.0, 0.0))
+    rng = np.random.default_rng(4)
+    rng.uniform(0.0, 0.0), rng.random()  # the rotation and anomaly draws make_pseudo_anomaly makes first
+    augmented, mask = paste_texture_anomaly(image, foreground, rng, bank)
+    np.testing.assert_array_equal(augmented, sample.image)
+    np.testing.assert_array_equal(mask, sample.mask)

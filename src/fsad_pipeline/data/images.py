@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fsad_pipeline.data.geometry import as_hw
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Default decompression-bomb guard: images with more pixels than this are refused.
@@ -147,7 +149,7 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize an H×W×3 uint8 image to ``size`` (int → square, or (height, width)); area when shrinking."""
     import cv2
 
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = as_hw(size)
     if image.shape[:2] == (height, width):
         return image
     shrinking = height * width < image.shape[0] * image.shape[1]
@@ -159,7 +161,7 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a {0,1} mask with nearest-neighbour interpolation."""
     import cv2
 
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = as_hw(size)
     if mask.shape[:2] == (height, width):
         return mask
     return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)

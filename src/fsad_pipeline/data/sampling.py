@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.images import read_image, resize_image
 
 
@@ -52,8 +53,7 @@ def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *, max_
     kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
     images = [resize_image(read_image(path, **kwargs), image_size) for path in paths]
     if not images:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return np.zeros((0, *size, 3), dtype=np.uint8)
+        return np.zeros((0, *as_hw(image_size), 3), dtype=np.uint8)
     return np.stack(images)
 
 
@@ -67,7 +67,7 @@ def load_gt_masks(
     """
     from fsad_pipeline.data.images import read_mask, resize_mask
 
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    height, width = as_hw(image_size)
     masks = np.zeros((len(mask_paths), height, width), dtype=np.uint8)
     has_mask = np.zeros(len(mask_paths), dtype=bool)
     for index, (path, label) in enumerate(zip(mask_paths, labels)):
@@ -76,6 +76,37 @@ def load_gt_masks(
         elif path:
             masks[index] = resize_mask(read_mask(path, threshold=threshold), (height, width))
             has_mask[index] = True
+    return masks, has_mask
+
+
+def load_native_gt_masks(
+    image_paths: Sequence[str],
+    mask_paths: Sequence[str],
+    labels: Sequence[int],
+    *,
+    max_side: int | None = None,
+    threshold: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Ground-truth masks at each image's own size (long side capped at ``max_side``, aspect kept).
+
+    Like :func:`load_gt_masks` but for pixel metrics at the original resolution: a list of
+    (H_i, W_i) uint8 masks, all-zero for normal images (sized from the image's header, no decode),
+    and ``has_mask`` (False for a defect image without a mask).
+    """
+    from fsad_pipeline.data.geometry import capped_size, read_image_sizes
+    from fsad_pipeline.data.images import read_mask, resize_mask
+
+    masks: list[np.ndarray] = []
+    has_mask = np.zeros(len(image_paths), dtype=bool)
+    for index, (image_path, mask_path, label) in enumerate(zip(image_paths, mask_paths, labels, strict=True)):
+        size = capped_size(*read_image_sizes([image_path])[0], max_side)
+        mask = np.zeros(size, dtype=np.uint8)
+        if int(label) == 0:
+            has_mask[index] = True
+        elif mask_path:
+            mask = resize_mask(read_mask(mask_path, threshold=threshold), size)
+            has_mask[index] = True
+        masks.append(mask)
     return masks, has_mask
 
 
@@ -105,13 +136,13 @@ def defect_shot_paths(defect_shots: dict) -> list[str]:
 
 
 def load_defect_shots(
-    manifest: pd.DataFrame, defect_shots: dict, image_size: int
+    manifest: pd.DataFrame, defect_shots: dict, image_size: int | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The labelled defect shots as ``(images (n, H, W, 3), masks (n, H, W), has_mask (n,))``, path order."""
     paths = defect_shot_paths(defect_shots)
     if not paths:
-        return load_images([], image_size), np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, bool)
+        return load_images([], image_size), np.zeros((0, *as_hw(image_size)), np.uint8), np.zeros(0, bool)
     rows = manifest.set_index("path").loc[paths]
-    images = load_images(paths, int(image_size))
-    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), int(image_size))
+    images = load_images(paths, image_size)
+    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), image_size)
     return images, masks, has_mask

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from fsad_pipeline import artifacts
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.images import BadImageError, resize_image
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import heatmap_overlay_image
@@ -308,7 +309,7 @@ def render_html_report(
             top = float(np.nanmax(anomaly_maps)) if anomaly_maps.size else 1.0
             map_range = (0.0, max(1.0, top))
     else:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        size = as_hw(image_size)
 
     n_flagged = sum(v == 1 for v in verdicts)
     kind = "evaluation run" if metrics is not None else "inference run"

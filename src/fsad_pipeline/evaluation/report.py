@@ -31,6 +31,9 @@ def evaluate_predictions(
     """Image metrics always; pixel AUROC and AUPRO when at least one defect image has a mask.
 
     Defect images without a mask are left out of the pixel metrics (``has_mask`` False).
+    ``anomaly_maps`` and ``gt_masks`` are (N, H, W) arrays or per-image sequences whose images
+    may differ in size (maps and masks at each image's original resolution, e.g.
+    :class:`fsad_pipeline.data.geometry.ResizedMaps`).
     """
     labels = predictions["gt_label"].to_numpy().astype(int)
     scores = predictions["pred_score"].to_numpy().astype(np.float64)
@@ -52,8 +55,9 @@ def evaluate_predictions(
     if anomaly_maps is not None and gt_masks is not None:
         keep = np.ones(len(labels), dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
         if (keep & (labels == 1)).any():
-            maps = np.asarray(anomaly_maps[keep], dtype=np.float32)
-            masks = gt_masks[keep]
+            rows = np.flatnonzero(keep)
+            maps = [np.asarray(anomaly_maps[i], dtype=np.float32) for i in rows]
+            masks = [gt_masks[i] for i in rows]
             metrics["pixel_auroc"] = _clean(pixel_auroc(masks, maps))
             metrics["aupro"] = _clean(aupro(masks, maps, fpr_limit=fpr_limit))
             metrics["n_images_with_masks"] = int(keep.sum())

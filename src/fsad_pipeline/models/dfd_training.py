@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from fsad_pipeline.models.dfd import (
     perlin_loss,
     similarity_loss,
 )
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILENAME = "dfd.safetensors"
@@ -69,6 +72,10 @@ class DFDTrainConfig:
         stats_lower_percentile, stats_upper_percentile: ``None`` = min/max of the validation
             maps; a value in [0, 100] uses that percentile instead (robust option).
         scoring_batch_size: images per forward pass when scoring validation maps.
+        patience: stop once this many meta-epochs in a row have not beaten the best validation
+            selection score (``None``: always run all ``meta_epochs``, as the reference does).
+            The cosine schedule keeps its full length, so a run that does not stop early is
+            the same with or without it.
         seed: seeds model init, batch sampling and the feature noise.
     """
 
@@ -96,12 +103,15 @@ class DFDTrainConfig:
     stats_lower_percentile: float | None = None
     stats_upper_percentile: float | None = None
     scoring_batch_size: int = 32
+    patience: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.fusion_weights = (float(self.fusion_weights[0]), float(self.fusion_weights[1]))
         if self.meta_epochs < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("meta_epochs, epochs and batch_size must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError("patience must be >= 1 (or None: no early stopping)")
 
     def model_config(self) -> DFDModelConfig:
         """The architecture part of this config."""
@@ -479,7 +489,8 @@ def train_dfd(
     (the reference's shuffled loader); the discriminator cosine schedule steps once per inner
     epoch. After every meta-epoch the fused validation map is scored (stats from the validation
     maps themselves) and the model with the highest ``score_fn(outputs, labels, masks)``
-    (default: image AUROC + pixel AUROC) is kept. Without validation, or when the criterion is
+    (default: image AUROC + pixel AUROC) is kept; with ``config.patience`` training stops once
+    that many meta-epochs in a row bring no better score. Without validation, or when the criterion is
     undefined (single-class validation set), the last meta-epoch is kept and the statistics come
     from the validation maps or, without validation, from the normal training features.
     """
@@ -555,6 +566,9 @@ def train_dfd(
                 if best_state is None or value > best_score:
                     best_score, best_meta_epoch = value, meta_epoch
                     best_state, best_stats = _state_copy(model), stats
+                record["early_stop"] = (
+                    config.patience is not None and meta_epoch - best_meta_epoch >= config.patience
+                )
             elif best_state is None:
                 # Undefined criterion (single-class validation set): fall back to the last
                 # meta-epoch, i.e. keep the current weights and these statistics.
@@ -565,6 +579,12 @@ def train_dfd(
         if record.get("image_auroc") is not None:
             postfix["val_iauroc"] = f"{record['image_auroc']:.3f}"
         bar.set_postfix(postfix)
+        if record.get("early_stop"):
+            logger.info(
+                "DFD: no better validation score for %d meta-epochs; stopping after meta-epoch %d (best %d)",
+                config.patience, meta_epoch, best_meta_epoch,
+            )
+            break
 
     if validation is None:
         best_meta_epoch = config.meta_epochs - 1

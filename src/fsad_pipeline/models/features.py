@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .backbones import FeatureBackbone
+from fsad_pipeline.data.geometry import as_hw, check_size_multiple
+
+from .backbones import FeatureBackbone, ViTPatchTokenMaps
 
 logger = logging.getLogger(__name__)
 
@@ -320,10 +322,24 @@ class PatchFeatureExtractor(nn.Module):
         """Dimension D of each patch feature."""
         return self.aggregator.target_dim
 
+    @property
+    def size_multiple(self) -> int:
+        """What input sides must be multiples of: the deepest used stage's stride (CNNs).
+
+        A ViT resizes every input to its own resolution inside, so any size works (1).
+        """
+        if isinstance(self.backbone.model, ViTPatchTokenMaps):
+            return 1
+        return max(self.backbone.strides, default=1)
+
     def grid_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
-        """Feature grid (h, w) for square ``image_size`` or (H, W) inputs (exact, cached)."""
-        size = _as_hw(image_size)
+        """Feature grid (h, w) for square ``image_size`` or (H, W) inputs (exact, cached).
+
+        Raises ValueError when a side is not a multiple of :attr:`size_multiple`.
+        """
+        size = as_hw(image_size)
         if size not in self._grid_cache:
+            check_size_multiple(size, self.size_multiple, what=f"of {self.backbone.name}")
             parameter = next(self.backbone.parameters())
             probe = torch.zeros(1, 3, *size, dtype=parameter.dtype, device=parameter.device)
             with torch.inference_mode():
@@ -347,13 +363,6 @@ class PatchFeatureExtractor(nn.Module):
         low, high = laplacian_split(images01)
         features = self._features(torch.cat([low, high], dim=0))
         return features[: images01.shape[0]], features[images01.shape[0] :]
-
-
-def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = image_size
-    return (int(height), int(width))
 
 
 def extract_features(
@@ -385,7 +394,7 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     target_device = select_device(device)
     extractor = extractor.to(target_device)
-    size = _as_hw(image_size)
+    size = as_hw(image_size)
     grid = extractor.grid_size(size)
     count = images.shape[0]
     num_paths = 2 if dual_path else 1

@@ -3,6 +3,12 @@
 :func:`iter_scored_chunks` is the one loop that reads, resizes and scores files chunk by chunk;
 the batch run (:func:`score_paths`, whole test set in memory) and the inference path (streams
 each chunk to disk, skips unreadable files) both use it.
+
+How a file is brought to the ensemble's working size is ``fit``: ``"resize"`` (every side to the
+working size, as the training data were: the anomaly map then maps back onto the file's own
+pixel grid, which evaluation against ground-truth masks needs) or ``"crop"`` (keep the file's
+aspect, cover the working size and centre-crop, :func:`fsad_pipeline.data.geometry.fit_to_size`:
+a file of another aspect than the model's is not squeezed; the same aspect is a plain resize).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from fsad_pipeline.data.geometry import fit_to_size
 from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, read_image, resize_image
 from fsad_pipeline.scoring.base import ScoreBatch
 from fsad_pipeline.scoring.ensemble import ScorerEnsemble
@@ -35,8 +42,12 @@ class ScoredChunk:
         return len(self.paths)
 
 
+#: How a file is brought to the working size (see the module docstring).
+FITS = ("resize", "crop")
+
+
 def _read_chunk(
-    paths: Sequence[str], size: tuple[int, int], max_pixels: int, skip_bad: bool
+    paths: Sequence[str], size: tuple[int, int], max_pixels: int, skip_bad: bool, fit: str = "resize"
 ) -> tuple[list[int], np.ndarray, list[tuple[int, int]], list[dict]]:
     kept: list[int] = []
     images: list[np.ndarray] = []
@@ -52,7 +63,7 @@ def _read_chunk(
             continue
         kept.append(offset)
         sizes.append(image.shape[:2])
-        images.append(resize_image(image, size))
+        images.append(resize_image(image, size) if fit == "resize" else fit_to_size(image, size))
     stacked = np.stack(images) if images else np.zeros((0, *size, 3), dtype=np.uint8)
     return kept, stacked, sizes, rejects
 
@@ -66,8 +77,9 @@ def iter_scored_chunks(
     skip_bad: bool = False,
     progress: bool = True,
     desc: str = "scoring",
+    fit: str = "resize",
 ) -> Iterator[ScoredChunk]:
-    """Read, resize, score and fuse ``paths`` ``chunk_size`` files at a time.
+    """Read, resize (``fit``: see the module doc), score and fuse ``paths`` ``chunk_size`` files at a time.
 
     With ``skip_bad`` an unreadable file (:class:`BadImageError`) is reported in the chunk's
     ``rejects`` and the others are still scored; without it the error propagates.
@@ -76,11 +88,13 @@ def iter_scored_chunks(
         raise ValueError("the ensemble needs its fusion before scoring")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     guard = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     with tqdm(total=len(paths), desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, len(paths), chunk_size):
             chunk = [str(p) for p in paths[start : start + chunk_size]]
-            kept, images, sizes, rejects = _read_chunk(chunk, ensemble.image_size, guard, skip_bad)
+            kept, images, sizes, rejects = _read_chunk(chunk, ensemble.image_size, guard, skip_bad, fit)
             if kept:
                 outputs = ensemble.score_each(images)
                 fused = ensemble.fusion.fuse(outputs)

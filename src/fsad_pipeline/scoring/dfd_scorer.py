@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.models.anomaly_map import DFDAnomalyMapGenerator, NormalizationStats
 from fsad_pipeline.models.backbones import build_backbone
 from fsad_pipeline.models.dfd import DFDModel
@@ -50,7 +51,7 @@ class FeatureConfig:
     patch_size: int = 3
     pretrain_dim: int = 128
     target_dim: int = 128
-    image_size: int = 256
+    image_size: int | list[int] = 256  # an int: square; [H, W]: the working size (see data.geometry)
     batch_size: int = 16
     out_indices: list[int] | None = None  # backbone stages / ViT blocks; None: the backbone's default
     input_size: int | None = None  # ViT backbones: internal resolution; None: the backbone's default
@@ -87,7 +88,7 @@ class DFDScorer:
     name: str = "dfd"
 
     def __post_init__(self) -> None:
-        self.image_size = (self.features.image_size, self.features.image_size)
+        self.image_size = as_hw(self.features.image_size)
         self._extractor: PatchFeatureExtractor | None = None
         self._generator = DFDAnomalyMapGenerator(
             self.image_size, self.train_config.map_sigma, fusion_weights=self.train_config.fusion_weights
@@ -245,8 +246,9 @@ def _validation_features(
     )
 
 
-def _masks_at(masks: np.ndarray, image_size: int) -> torch.Tensor:
+def _masks_at(masks: np.ndarray, image_size: int | list[int]) -> torch.Tensor:
     tensor = torch.from_numpy(masks.astype(np.float32))
-    if tuple(tensor.shape[1:]) != (image_size, image_size):
-        tensor = torch.nn.functional.interpolate(tensor[:, None], size=(image_size, image_size), mode="nearest")[:, 0]
+    size = as_hw(image_size)
+    if tuple(tensor.shape[1:]) != size:
+        tensor = torch.nn.functional.interpolate(tensor[:, None], size=size, mode="nearest")[:, 0]
     return tensor

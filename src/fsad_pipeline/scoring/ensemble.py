@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
 from fsad_pipeline.scoring.base import ScoreBatch, Scorer
 from fsad_pipeline.scoring.fusion import Fusion
@@ -104,7 +105,7 @@ def assemble(
     dfd_model: Scorer | None,
     patch_scorer_set: Any | None,
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     winclip_scorer: Scorer | None = None,
     map_sigma: float = 4.0,
     device: str = "cpu",
@@ -117,7 +118,7 @@ def assemble(
         image_scorers["winclip"] = winclip_scorer
     patch = dict(patch_scorer_set.scorers) if patch_scorer_set is not None else {}
     return ScorerEnsemble(
-        image_size=(int(image_size), int(image_size)),
+        image_size=as_hw(image_size),
         image_scorers=image_scorers,
         patch_scorers=patch,
         extractor=patch_scorer_set.build_extractor() if patch else None,

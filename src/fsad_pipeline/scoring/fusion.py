@@ -1,105 +1,362 @@
 """Normalising every scorer's output and fusing them, with weights chosen on validation data.
 
-Each scorer's maps and image scores are min-max normalised with statistics taken from the
-synthetic validation split (never the test set), then combined as a weighted sum. The weights
-come from a Monte-Carlo search over uniformly drawn weight vectors (the anomalous-samples seed's
-recipe), judged on the same validation split; when validation cannot tell the candidates apart
-(one class only, or no candidate beats equal weights by ``min_gain``) equal weights are kept.
+**Normalisation.** Each scorer's image scores and maps are put on a common scale using the
+*held-out normals* of the validation split only (the rows with label 0: the unaugmented support
+images, scored leave-one-support-out by the patch scorers): ``(x - location) / scale`` with
+``location`` the normals' median and ``scale`` = their ``normal_quantile`` quantile minus that
+median (pixels: all normal pixels pooled, their ``normal_pixel_quantile`` quantile). A held-out
+normal therefore lands at 0 (typical) to 1 (its high tail), whatever the scorer's raw units, and
+an anomaly scores in "normal spreads above a typical normal". Anomalies do not shape the scale,
+unlike a min-max over the whole split, where one extreme synthetic defect squeezes every other
+value of that scorer towards 0. With fewer distinct normal values than the quantile can resolve
+(``n * (1 - q) < 1``) the normals' maximum is used. A scorer constant on the normals falls back
+to the spread (max - min) of all validation rows, then to 1.0 (logged).
+
+**Weights.** Image scores and maps get *separate* weights: ``score_weights`` are chosen by the
+validation image AUROC of the fused score, ``map_weights`` by the validation pixel AUROC of the
+fused map (over the normal rows and the anomalous rows with a known mask; all positive pixels
+plus a fixed random sample of negatives, ``max_pixels`` in all). The candidates are equal
+weights over every non-empty subset of scorers (each single scorer, pairs, ..., all of them)
+and ``n_trials`` Dirichlet(1) vectors over all scorers. The choice prefers the simplest
+candidate: among the candidates within ``min_gain`` of the best objective, the fewest scorers,
+then equal weights over Monte-Carlo ones, then the highest objective, then the largest
+separation (median normalised anomalous score, or anomalous pixel value, in units of the
+normals' spread). When validation saturates (every scorer at AUROC 1) the fusion therefore
+ends up on one scorer: the one that separates the anomalies farthest from the normals.
+
+Every choice is recorded (``search``) with the per-scorer and fused validation AUROCs
+(``validation``) so fusion.json and metrics.json say what was chosen and why. Fusion records
+written before this scheme (min/max statistics, one ``weights`` dict used for maps and scores)
+still load and fuse exactly as they did.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fsad_pipeline.evaluation.metrics import image_auroc, pixel_auroc
+from fsad_pipeline.evaluation.metrics import per_defect_type_auroc
 
 logger = logging.getLogger(__name__)
+
+_ZERO_SPREAD = 1e-12  # a spread at or below this is treated as "constant scorer"
+_DISTINCT_CHECK_LIMIT = 100_000  # more values than this (pixels) are never too few for a quantile
+_MAX_SUBSET_SCORERS = 8  # equal-weight subsets are enumerated up to this many scorers (2^8 - 1 candidates)
+
+
+def _robust_scale(
+    normal_values: np.ndarray, all_values: np.ndarray, quantile: float, what: str
+) -> tuple[float, float, str]:
+    """``(location, scale, source)`` of one scorer's values from the held-out normals.
+
+    ``location`` is the normals' median, ``scale`` their ``quantile`` quantile (their maximum
+    when too few distinct values resolve it: ``distinct * (1 - quantile) < 1``) minus the
+    median. Zero spread falls back to the spread of all rows (``source`` "all_rows"), then to
+    1.0 ("unit").
+    """
+    values = np.asarray(normal_values).reshape(-1)
+    if values.size == 0:
+        logger.warning("fusion: %s has no normal validation rows; normalising by all validation rows", what)
+        values = np.asarray(all_values).reshape(-1)
+    location = float(np.median(values))
+    # Repeated rows (the same support image several times) add no information about the tail.
+    distinct = values.size if values.size > _DISTINCT_CHECK_LIMIT else np.unique(values).size
+    resolvable = distinct * (1.0 - quantile) >= 1.0
+    high = float(np.quantile(values, quantile)) if resolvable else float(values.max())
+    scale, source = high - location, "normals"
+    if not scale > _ZERO_SPREAD:
+        everything = np.asarray(all_values)
+        scale, source = float(everything.max() - everything.min()), "all_rows"
+        if not scale > _ZERO_SPREAD:
+            scale, source = 1.0, "unit"
+        logger.info("fusion: %s is constant on the validation normals; scale from %s (%.3g)", what, source, scale)
+    return location, scale, source
 
 
 @dataclass
 class ScoreStats:
-    """Min/max of one scorer's validation maps and image scores (frozen for inference)."""
+    """One scorer's normalisation ``(x - loc) / scale`` for maps and image scores (frozen for inference).
 
-    map_min: float
-    map_max: float
-    score_min: float
-    score_max: float
+    ``sources`` says where each scale came from: "normals" (held-out normals), "all_rows" or
+    "unit" (zero-spread fallbacks), "min_max" (a record of the earlier min-max scheme).
+    """
+
+    map_loc: float
+    map_scale: float
+    score_loc: float
+    score_scale: float
+    sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_validation(cls, anomaly_maps: np.ndarray, pred_scores: np.ndarray) -> ScoreStats:
+    def from_normals(
+        cls,
+        anomaly_maps: np.ndarray,
+        pred_scores: np.ndarray,
+        normal: np.ndarray,
+        *,
+        normal_quantile: float = 0.95,
+        normal_pixel_quantile: float = 0.99,
+        name: str = "scorer",
+    ) -> ScoreStats:
+        """Statistics from the rows where ``normal`` is True (see the module docstring)."""
         maps = np.asarray(anomaly_maps, dtype=np.float32)
         scores = np.asarray(pred_scores, dtype=np.float64)
-        return cls(float(maps.min()), float(maps.max()), float(scores.min()), float(scores.max()))
+        normal = np.asarray(normal, dtype=bool)
+        score_loc, score_scale, score_source = _robust_scale(scores[normal], scores, normal_quantile, f"{name} scores")
+        map_loc, map_scale, map_source = _robust_scale(maps[normal], maps, normal_pixel_quantile, f"{name} maps")
+        return cls(map_loc, map_scale, score_loc, score_scale, {"map": map_source, "score": score_source})
 
     def normalise_maps(self, maps: np.ndarray) -> np.ndarray:
-        span = max(self.map_max - self.map_min, 1e-12)
-        return (np.asarray(maps, dtype=np.float32) - self.map_min) / span
+        return (np.asarray(maps, dtype=np.float32) - np.float32(self.map_loc)) / np.float32(self.map_scale)
 
     def normalise_scores(self, scores: np.ndarray) -> np.ndarray:
-        span = max(self.score_max - self.score_min, 1e-12)
-        return (np.asarray(scores, dtype=np.float64) - self.score_min) / span
+        return (np.asarray(scores, dtype=np.float64) - self.score_loc) / self.score_scale
 
     def to_dict(self) -> dict:
-        return {"map_min": self.map_min, "map_max": self.map_max, "score_min": self.score_min, "score_max": self.score_max}
+        return {
+            "map_loc": self.map_loc,
+            "map_scale": self.map_scale,
+            "score_loc": self.score_loc,
+            "score_scale": self.score_scale,
+            "sources": dict(self.sources),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ScoreStats:
+        """Either format: ``loc``/``scale`` or the earlier ``min``/``max`` (normalised as before)."""
+        if "map_min" in data:
+            return cls(
+                float(data["map_min"]),
+                max(float(data["map_max"]) - float(data["map_min"]), _ZERO_SPREAD),
+                float(data["score_min"]),
+                max(float(data["score_max"]) - float(data["score_min"]), _ZERO_SPREAD),
+                {"map": "min_max", "score": "min_max"},
+            )
+        return cls(
+            float(data["map_loc"]),
+            float(data["map_scale"]),
+            float(data["score_loc"]),
+            float(data["score_scale"]),
+            dict(data.get("sources", {})),
+        )
 
 
 @dataclass
 class Fusion:
-    """Per-scorer statistics and weights; ``fuse`` combines normalised outputs."""
+    """Per-scorer statistics plus separate weights for image scores and maps; ``fuse`` combines them."""
 
     stats: dict[str, ScoreStats]
-    weights: dict[str, float]
+    score_weights: dict[str, float]
+    map_weights: dict[str, float]
     search: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
 
     @property
     def scorers(self) -> list[str]:
-        return list(self.weights)
+        """Every scorer the fusion was fitted on (all of them are scored, whatever their weight)."""
+        return list(self.stats)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The image-score weights (the single weight set of earlier records)."""
+        return self.score_weights
 
     def fuse(self, outputs: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """``outputs[name] = {"anomaly_map", "pred_score"}`` → fused ``anomaly_map`` and ``pred_score``."""
+        """``outputs[name] = {"anomaly_map", "pred_score"}`` → fused ``anomaly_map`` and ``pred_score``.
+
+        Scorers with weight 0 are skipped (their outputs may still be present).
+        """
         fused_map = None
+        for name, weight in self.map_weights.items():
+            if weight:
+                maps = self.stats[name].normalise_maps(outputs[name]["anomaly_map"]) * np.float32(weight)
+                fused_map = maps if fused_map is None else fused_map + maps
         fused_score = None
-        for name, weight in self.weights.items():
-            maps = self.stats[name].normalise_maps(outputs[name]["anomaly_map"]) * weight
-            scores = self.stats[name].normalise_scores(outputs[name]["pred_score"]) * weight
-            fused_map = maps if fused_map is None else fused_map + maps
-            fused_score = scores if fused_score is None else fused_score + scores
+        for name, weight in self.score_weights.items():
+            if weight:
+                scores = self.stats[name].normalise_scores(outputs[name]["pred_score"]) * weight
+                fused_score = scores if fused_score is None else fused_score + scores
         return {"anomaly_map": fused_map, "pred_score": fused_score}
 
     def to_dict(self) -> dict:
         return {
-            "weights": self.weights,
+            "score_weights": dict(self.score_weights),
+            "map_weights": dict(self.map_weights),
             "stats": {name: s.to_dict() for name, s in self.stats.items()},
             "search": self.search,
+            "validation": self.validation,
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> Fusion:
+    def from_dict(cls, data: Mapping) -> Fusion:
+        """A fusion record of either format (earlier: one ``weights`` dict for maps and scores)."""
+        stats = {name: ScoreStats.from_dict(values) for name, values in data["stats"].items()}
+        if "score_weights" in data:
+            score_weights, map_weights = data["score_weights"], data["map_weights"]
+        else:
+            score_weights = map_weights = data["weights"]
         return cls(
-            stats={name: ScoreStats(**values) for name, values in data["stats"].items()},
-            weights={name: float(w) for name, w in data["weights"].items()},
-            search=data.get("search", {}),
+            stats=stats,
+            score_weights={name: float(w) for name, w in score_weights.items()},
+            map_weights={name: float(w) for name, w in map_weights.items()},
+            search=dict(data.get("search", {})),
+            validation=dict(data.get("validation", {})),
         )
 
 
-def _validation_objective(
-    weights: np.ndarray,
+# --------------------------------------------------------------------------- #
+# the weight search
+# --------------------------------------------------------------------------- #
+def candidate_weights(n_scorers: int, n_trials: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors (C, n), monte_carlo (C,) bool)``: equal weights on every subset, then Dirichlet draws.
+
+    Subsets come first, smallest first (one-hot vectors, then pairs, ..., then all scorers);
+    beyond ``_MAX_SUBSET_SCORERS`` scorers only one-hot and all-equal vectors are enumerated.
+    """
+    sizes = range(1, n_scorers + 1) if n_scorers <= _MAX_SUBSET_SCORERS else (1, n_scorers)
+    vectors = []
+    for size in sizes:
+        for subset in itertools.combinations(range(n_scorers), size):
+            vector = np.zeros(n_scorers)
+            vector[list(subset)] = 1.0 / size
+            vectors.append(vector)
+    n_subsets = len(vectors)
+    if n_trials > 0 and n_scorers > 1:
+        vectors.extend(np.random.default_rng(seed).dirichlet(np.ones(n_scorers), size=int(n_trials)))
+    monte_carlo = np.arange(len(vectors)) >= n_subsets
+    return np.asarray(vectors), monte_carlo
+
+
+def _finite(value: float) -> float | None:
+    """A JSON-ready metric value: None where it is undefined (NaN)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _describe(vector: np.ndarray, names: list[str]) -> dict[str, float]:
+    return {n: float(w) for n, w in zip(names, vector)}
+
+
+def select_weights(
+    vectors: np.ndarray,
+    monte_carlo: np.ndarray,
+    objectives: np.ndarray,
+    separations: np.ndarray,
+    min_gain: float,
+) -> tuple[int, str]:
+    """Index of the chosen candidate and why (see the module docstring for the rule).
+
+    Candidates with a NaN objective never win; ``min_gain`` is the margin a more complex
+    candidate must have over a simpler one to be chosen.
+    """
+    valid = np.isfinite(objectives)
+    if not valid.any():
+        return int(np.flatnonzero(~monte_carlo)[-1]), "equal weights: no candidate has a defined objective"
+    best = float(np.max(objectives[valid]))
+    eligible = np.flatnonzero(valid & (objectives >= best - min_gain))
+    n_used = (vectors > 0).sum(axis=1)
+
+    def key(i: int) -> tuple:  # smaller is preferred: fewer scorers, equal weights, higher objective, separation
+        return int(n_used[i]), bool(monte_carlo[i]), -float(objectives[i]), -float(np.nan_to_num(separations[i]))
+
+    chosen = min(eligible.tolist(), key=key)
+    kind = "Monte-Carlo weights" if monte_carlo[chosen] else f"equal weights on {int(n_used[chosen])} scorer(s)"
+    simpler = [i for i in eligible if key(i)[:2] == key(chosen)[:2]]
+    tie = " (tie broken by separation)" if sum(objectives[i] == objectives[chosen] for i in simpler) > 1 else ""
+    reason = (
+        f"{kind}: the simplest candidate within min_gain={min_gain:g} of the best objective "
+        f"{best:.4f} (its own: {float(objectives[chosen]):.4f}){tie}"
+    )
+    return chosen, reason
+
+
+def _sample_pixels(masks: np.ndarray, rows: np.ndarray, max_pixels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into ``masks`` (all its rows) and their labels, at most ``max_pixels`` of them.
+
+    Every positive pixel of ``rows`` (a fixed random ``max_pixels // 2`` when there are more),
+    plus the negatives among a fixed random draw of the remaining budget of positions of
+    ``rows``: a uniform sample of the negative pixels, without listing all of them.
+    """
+    height_width = int(np.prod(masks.shape[1:]))
+    rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    positive = np.asarray(masks)[rows].reshape(len(rows), height_width) > 0.5
+    positives = np.flatnonzero(positive)  # positions among the rows' pixels
+    if positives.size > max_pixels // 2:
+        positives = np.sort(rng.choice(positives, max_pixels // 2, replace=False))
+    total = rows.size * height_width
+    drawn = np.sort(rng.choice(total, min(max(max_pixels - positives.size, 0), total), replace=False))
+    negatives = drawn[~positive.reshape(-1)[drawn]]
+    positions = np.concatenate([positives, negatives])
+    index = rows[positions // height_width] * height_width + positions % height_width
+    labels = np.concatenate([np.ones(positives.size, bool), np.zeros(negatives.size, bool)])
+    return index, labels
+
+
+def _sorted_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AUROC (Mann-Whitney U, ties count half) of two sorted 1-D arrays; NaN when one is empty."""
+    if not positives.size or not negatives.size:
+        return float("nan")
+    below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.int64)
+    at_or_below = np.searchsorted(negatives, positives, side="right").sum(dtype=np.int64)
+    return float((below + at_or_below) / 2.0 / (float(positives.size) * float(negatives.size)))
+
+
+def rank_auroc(labels: np.ndarray, values: np.ndarray) -> float:
+    """Exact AUROC of 1-D ``values`` against boolean ``labels``; NaN when a class is empty.
+
+    The same statistic as ``evaluation.metrics`` (image and pixel AUROC), computed for the weight
+    search's hundreds of candidates: both classes sorted, then the positives (sorted needles,
+    cache-friendly) searched among the negatives.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    values = np.asarray(values)
+    return _sorted_auroc(np.sort(values[labels]), np.sort(values[~labels]))
+
+
+def _search(
     names: list[str],
-    normalised: dict[str, dict[str, np.ndarray]],
+    normalised: np.ndarray,
     labels: np.ndarray,
-    masks: np.ndarray | None,
-    pixel_weight: float,
-) -> float:
-    scores = sum(w * normalised[n]["pred_score"] for w, n in zip(weights, names))
-    objective = image_auroc(labels, scores)
-    if masks is not None and pixel_weight > 0 and masks.any():
-        maps = sum(w * normalised[n]["anomaly_map"] for w, n in zip(weights, names))
-        objective += pixel_weight * pixel_auroc(masks, maps)
-    return float(objective)
+    vectors: np.ndarray,
+    monte_carlo: np.ndarray,
+    min_gain: float,
+    what: str,
+) -> tuple[dict[str, float], dict]:
+    """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,) bool.
+
+    Each candidate costs one weighted sum and two sorts: the values are reordered once so the
+    positives come first, and the separation (median positive) is read off the sorted positives.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    order = np.r_[np.flatnonzero(labels), np.flatnonzero(~labels)]
+    normalised, n_positive = normalised[:, order], int(labels.sum())
+    objectives = np.empty(len(vectors))
+    separations = np.full(len(vectors), np.nan)
+    for index, vector in enumerate(vectors):
+        fused = vector.astype(normalised.dtype) @ normalised
+        positives, negatives = np.sort(fused[:n_positive]), np.sort(fused[n_positive:])
+        objectives[index] = _sorted_auroc(positives, negatives)
+        if n_positive:
+            separations[index] = float(positives[n_positive // 2])
+    chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, min_gain)
+    equal = int(np.flatnonzero(~monte_carlo)[-1])  # the last subset: all scorers
+    weights = _describe(vectors[chosen], names)
+    record = {
+        "method": "monte_carlo" if monte_carlo[chosen] else ("equal" if chosen == equal else "subset"),
+        "reason": reason,
+        "objective": _finite(objectives[chosen]),
+        "best_objective": _finite(np.nanmax(objectives)),
+        "equal_objective": _finite(objectives[equal]),
+        "separation": _finite(separations[chosen]),
+        "candidates": int(len(vectors)),
+    }
+    logger.info("fusion %s weights %s: %s", what, weights, reason)
+    return weights, record
 
 
 def fit_fusion(
@@ -108,61 +365,135 @@ def fit_fusion(
     masks: np.ndarray | None = None,
     *,
     mask_known: np.ndarray | None = None,
+    families: np.ndarray | None = None,
     n_trials: int = 200,
     seed: int = 0,
     min_gain: float = 0.005,
-    pixel_weight: float = 0.0,
     search: bool = True,
+    normal_quantile: float = 0.95,
+    normal_pixel_quantile: float = 0.99,
+    max_pixels: int = 200_000,
 ) -> Fusion:
-    """Statistics per scorer plus fusion weights from a Monte-Carlo search on validation outputs.
+    """Normalisation per scorer plus separate score and map weights, all from validation outputs.
 
     ``validation_outputs[name] = {"anomaly_map": (N, H, W), "pred_score": (N,)}`` for the same N
-    validation images; ``labels`` (N,) and optional ``masks`` (N, H, W). The objective is image
-    AUROC (+ ``pixel_weight`` × pixel AUROC when masks are given, over the rows whose
-    ``mask_known`` is True).
+    validation images; ``labels`` (N,), optional ``masks`` (N, H, W) and ``mask_known`` (N,)
+    (False: a labelled defect without ground truth, left out of the pixel objective) and
+    ``families`` (N,) (the pseudo-anomaly family of each row, for the per-family report).
     """
     names = list(validation_outputs)
     if not names:
         raise ValueError("no scorer outputs to fuse")
+    labels = np.asarray(labels).astype(int)
+    normal = labels == 0
     stats = {
-        n: ScoreStats.from_validation(validation_outputs[n]["anomaly_map"], validation_outputs[n]["pred_score"])
+        n: ScoreStats.from_normals(
+            validation_outputs[n]["anomaly_map"],
+            validation_outputs[n]["pred_score"],
+            normal,
+            normal_quantile=float(normal_quantile),
+            normal_pixel_quantile=float(normal_pixel_quantile),
+            name=n,
+        )
         for n in names
+    }
+    scores = np.stack([stats[n].normalise_scores(validation_outputs[n]["pred_score"]) for n in names])
+
+    # Pixel rows: every normal row plus the anomalous rows whose mask is known.
+    known = np.ones(len(labels), bool) if mask_known is None else np.asarray(mask_known, dtype=bool)
+    pixel_rows = np.flatnonzero(normal | ((labels == 1) & known))
+    pixel_labels = np.zeros(0, bool)
+    pixels = np.zeros((len(names), 0), np.float32)
+    if masks is not None and pixel_rows.size:
+        index, pixel_labels = _sample_pixels(np.asarray(masks), pixel_rows, int(max_pixels), int(seed))
+        pixels = np.stack(
+            [
+                stats[n].normalise_maps(np.asarray(validation_outputs[n]["anomaly_map"]).reshape(-1)[index])
+                for n in names
+            ]
+        )
+    has_pixels = bool(pixel_labels.any() and not pixel_labels.all())
+
+    validation = {
+        "scorers": {
+            n: {
+                "image_auroc": _finite(rank_auroc(labels, scores[i])),
+                "pixel_auroc": _finite(rank_auroc(pixel_labels, pixels[i])) if has_pixels else None,
+            }
+            for i, n in enumerate(names)
+        },
+        "pixels_sampled": int(pixel_labels.size),
+        "pixel_rows": int(pixel_rows.size if masks is not None else 0),
     }
     equal = {n: 1.0 / len(names) for n in names}
-    labels = np.asarray(labels).astype(int)
-    if len(names) == 1 or not search or labels.min(initial=1) == labels.max(initial=0):
+    single_class = labels.min(initial=1) == labels.max(initial=0)
+    if len(names) == 1 or not search or single_class:
         reason = "single scorer" if len(names) == 1 else "search off" if not search else "single-class validation"
-        return Fusion(stats, equal, {"method": "equal", "reason": reason})
-    # The pixel term only sees rows with a known mask (a labelled defect without ground truth has none).
-    pixel_rows = np.ones(len(labels), bool) if mask_known is None else np.asarray(mask_known, dtype=bool)
-    if masks is not None:
-        masks = np.asarray(masks)[pixel_rows]
-    normalised = {
-        n: {
-            "pred_score": stats[n].normalise_scores(validation_outputs[n]["pred_score"]),
-            "anomaly_map": (
-                stats[n].normalise_maps(validation_outputs[n]["anomaly_map"][pixel_rows]) if pixel_weight > 0 else None
-            ),
-        }
-        for n in names
+        record = {"method": "equal", "reason": reason}
+        fusion = Fusion(stats, dict(equal), dict(equal), {"scores": record, "maps": dict(record)}, validation)
+    else:
+        vectors, monte_carlo = candidate_weights(len(names), int(n_trials), int(seed))
+        score_weights, score_record = _search(
+            names, scores, labels.astype(bool), vectors, monte_carlo, float(min_gain), "score"
+        )
+        if has_pixels:
+            map_weights, map_record = _search(
+                names, pixels, pixel_labels, vectors, monte_carlo, float(min_gain), "map"
+            )
+        else:
+            map_weights = dict(score_weights)
+            map_record = {"method": "follow_scores", "reason": "no validation pixels with a known defect mask"}
+        fusion = Fusion(stats, score_weights, map_weights, {"scores": score_record, "maps": map_record}, validation)
+
+    fused_scores = np.asarray([fusion.score_weights[n] for n in names]) @ scores
+    fused_pixels = np.asarray([fusion.map_weights[n] for n in names], np.float32) @ pixels
+    validation["fused"] = {
+        "image_auroc": _finite(rank_auroc(labels, fused_scores)),
+        "pixel_auroc": _finite(rank_auroc(pixel_labels, fused_pixels)) if has_pixels else None,
     }
-    equal_vector = np.full(len(names), 1.0 / len(names))
-    baseline = _validation_objective(equal_vector, names, normalised, labels, masks, pixel_weight)
-    rng = np.random.default_rng(seed)
-    best_vector, best_value = equal_vector, baseline
-    for _ in range(n_trials):
-        candidate = rng.uniform(0.0, 1.0, size=len(names))
-        candidate /= candidate.sum()
-        value = _validation_objective(candidate, names, normalised, labels, masks, pixel_weight)
-        if value > best_value:
-            best_vector, best_value = candidate, value
-    if best_value - baseline < min_gain:
-        logger.info("fusion: no weighting beats equal weights by %.3f on validation; keeping equal weights", min_gain)
-        return Fusion(stats, equal, {"method": "equal", "reason": "no gain", "validation_objective": baseline})
-    weights = {n: float(w) for n, w in zip(names, best_vector)}
-    logger.info("fusion weights %s (validation objective %.3f vs %.3f equal)", weights, best_value, baseline)
-    return Fusion(
-        stats,
-        weights,
-        {"method": "monte_carlo", "trials": n_trials, "validation_objective": best_value, "equal_objective": baseline},
-    )
+    if families is not None:
+        validation["per_family"] = _per_family(labels, families, {**dict(zip(names, scores)), "fused": fused_scores})
+    return fusion
+
+
+def _per_family(labels: np.ndarray, families: np.ndarray, scores: Mapping[str, np.ndarray]) -> dict:
+    """``{family: {scorer: image AUROC of that family's anomalies vs all normals}}``."""
+    families = np.asarray([str(f) for f in np.asarray(families, dtype=object).ravel()])
+    if families.size != labels.size or not (labels == 0).any():
+        return {}
+    # normal_name "\0" matches no family: the normals are exactly the label-0 rows.
+    by_scorer = {name: per_defect_type_auroc(labels, v, families, normal_name="\0") for name, v in scores.items()}
+    present = sorted({family for result in by_scorer.values() for family in result})
+    return {family: {name: _finite(by_scorer[name].get(family, math.nan)) for name in scores} for family in present}
+
+
+def fusion_summary(fusion: Mapping) -> dict:
+    """The fusion's weights and validation record for metrics.json, from a fusion.json of either format.
+
+    ``fusion_weights`` stays the image-score weights (what it always was); the map weights,
+    the selection method of each and the validation AUROCs per scorer (and per pseudo-anomaly
+    family, when recorded) come along so a run shows why its fusion looks the way it does.
+    """
+    score_weights = fusion.get("score_weights") or fusion["weights"]
+    map_weights = fusion.get("map_weights") or score_weights
+    search = fusion.get("search") or {}
+    recorded = fusion.get("validation") or {}
+    validation = {
+        "scorers": recorded.get("scorers", {}),
+        "fused": recorded.get("fused", {}),
+        "score_weights": score_weights,
+        "map_weights": map_weights,
+        "score_selection": (search.get("scores") or {}).get("reason"),
+        "map_selection": (search.get("maps") or {}).get("reason"),
+        "images": recorded.get("validation_images"),
+        "anomalous": recorded.get("validation_anomalous"),
+    }
+    if "per_family" in recorded:
+        validation["per_family"] = recorded["per_family"]
+    return {
+        "fusion_weights": score_weights,
+        "fusion_map_weights": map_weights,
+        "fusion_method": (search.get("scores") or search).get("method"),
+        "fusion_map_method": (search.get("maps") or search).get("method"),
+        "validation": validation,
+    }

@@ -157,7 +157,10 @@ def inspect_images(
 ) -> InspectionResult:
     """Score every image under ``inputs`` with ``bundle`` and write the run folder ``output_dir``.
 
-    ``threshold`` overrides the bundle's calibrated one. The folder is written atomically
+    Each image is brought to the bundle's working size keeping its aspect (cover, then
+    centre-crop: a file of the model's aspect is plainly resized, one of another aspect is not
+    squeezed, see :func:`fsad_pipeline.data.geometry.fit_to_size`); the overlay shows what was
+    scored. ``threshold`` overrides the bundle's calibrated one. The folder is written atomically
     (replacing an earlier inspection output there). Raises :class:`NoImagesError` when no input
     is an image file, or (after writing ``rejects.csv``) when none could be read.
     """
@@ -180,7 +183,7 @@ def inspect_images(
     with atomic_directory(output_dir) as staging:
         for chunk in iter_scored_chunks(
             ensemble, paths, chunk_size=int(batch_size), max_pixels=int(max_pixels), skip_bad=True,
-            progress=progress, desc="inspecting",
+            progress=progress, desc="inspecting", fit="crop",
         ):
             rejects.extend(chunk.rejects)
             if not len(chunk):
@@ -228,7 +231,7 @@ def inspect_images(
             "model_resolved": str(bundle.root.resolve()),
             "model_version": promotion.get("version"),
             "backbone": bundle.backbone,
-            "image_size": bundle.image_size,
+            "image_size": list(bundle.image_size),
             "config_version": bundle.manifest.get("config_version"),
             "scorers": names,
             "threshold": decision,

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fsad_pipeline.artifacts import atomic_directory, load_array, read_json, save_array
+from fsad_pipeline.data.geometry import as_hw, image_size_matches
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.ensemble import ScorerEnsemble, assemble, build_winclip
 from fsad_pipeline.scoring.fusion import Fusion
@@ -137,8 +138,8 @@ def export_bundle(
                 raise BundleError("the fusion uses winclip but no winclip settings with a checkpoint_path were given")
             continue
         raise BundleError(f"the fusion uses scorer {name!r} but no fitted {name!r} scorer was given")
-    image_size = int(dfd_model.features.image_size)
-    if patch_scorers is not None and int(patch_scorers.features.image_size) != image_size:
+    image_size = list(as_hw(dfd_model.features.image_size))  # [H, W]: the working size
+    if patch_scorers is not None and list(as_hw(patch_scorers.features.image_size)) != image_size:
         raise BundleError(
             f"DFD was trained at image size {image_size} but the patch scorers at {patch_scorers.features.image_size}"
         )
@@ -220,7 +221,12 @@ def check_expectation(manifest: Mapping[str, Any], expect: Mapping[str, Any] | N
         if wanted is None:
             continue
         found = manifest.get(key)
-        same = str(found) == str(wanted) if key == "backbone" else found is not None and int(found) == int(wanted)
+        if key == "backbone":
+            same = str(found) == str(wanted)
+        elif key == "image_size":
+            same = found is not None and image_size_matches(found, wanted)
+        else:
+            same = found is not None and int(found) == int(wanted)
         if not same:
             problems.append(f"{key}: the {where} has {found!r}, this configuration expects {wanted!r}")
     if problems:
@@ -300,8 +306,9 @@ class ModelBundle:
         return str(self.manifest["backbone"])
 
     @property
-    def image_size(self) -> int:
-        return int(self.manifest["image_size"])
+    def image_size(self) -> tuple[int, int]:
+        """The working size (H, W) the models were fitted at; an old bundle's int is a square."""
+        return as_hw(self.manifest["image_size"])
 
     @property
     def scorers(self) -> list[str]:
@@ -360,10 +367,10 @@ def load_bundle(
         support = load_array(directory / components["support_images"])
     except (OSError, ValueError, KeyError) as error:
         raise BundleError(f"{directory}: cannot load the model ({type(error).__name__}: {error})") from error
-    if dfd.features.backbone != manifest["backbone"] or int(dfd.features.image_size) != int(manifest["image_size"]):
+    if dfd.features.backbone != manifest["backbone"] or as_hw(dfd.features.image_size) != as_hw(manifest["image_size"]):
         raise BundleError(f"{directory}: dfd/ was saved for {dfd.features.backbone} at {dfd.features.image_size}, "
                           f"the manifest says {manifest['backbone']} at {manifest['image_size']}")
-    if patch is not None and int(patch.features.image_size) != int(manifest["image_size"]):
+    if patch is not None and as_hw(patch.features.image_size) != as_hw(manifest["image_size"]):
         raise BundleError(f"{directory}: patch_scorers/ was saved at image size {patch.features.image_size}")
     available = {"dfd", "winclip", *(patch.scorers if patch is not None else ())}
     missing = [name for name in fusion.scorers if name not in available]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.models.anomaly_map import patch_scores_to_map
 from fsad_pipeline.models.anomalous_bank import AnomalousBankScorer, select_anomalous_patches
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
@@ -117,7 +118,7 @@ def score_patch_features(
     scorers: dict[str, Any], features: torch.Tensor, image_size: int | tuple[int, int], sigma: float
 ) -> dict[str, dict[str, np.ndarray]]:
     """Each patch scorer's anomaly maps (upsampled + smoothed) and image scores for shared features."""
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    size = as_hw(image_size)
     outputs = {}
     with torch.inference_mode():
         for name, scorer in scorers.items():

@@ -1,10 +1,16 @@
-"""DFD pseudo-anomalies: Perlin-shaped texture pastes inside the foreground (methods.md §3)."""
+"""DFD pseudo-anomalies: Perlin-shaped texture pastes inside the foreground (methods.md §3).
+
+The training split is the DFD recipe (rotated copies, Perlin texture pastes). The validation
+split may instead draw each anomaly from a mix of defect *families* (thin scratches, speckles,
+CutPaste, blotches, missing parts, Perlin pastes: :mod:`.defect_families`), recorded per row in
+``PseudoAnomalySet.family`` so per-family metrics can be reported.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -13,6 +19,13 @@ from tqdm.auto import tqdm
 from .foreground import FOREGROUND_METHODS, foreground_mask
 from .perlin import perlin_mask, rotate_about_center
 from .textures import TextureBank, augment_texture
+
+if TYPE_CHECKING:  # the family module imports this one (it reuses the Perlin paste)
+    from .defect_families import FamilyConfig
+
+#: ``PseudoAnomalySet.family`` of label-0 rows, of real labelled defect views, and of synthetic
+#: anomalies of a set saved before families existed (the DFD Perlin paste).
+NORMAL_FAMILY, REAL_FAMILY, DEFAULT_FAMILY = "normal", "real", "perlin"
 
 
 def blend_anomaly(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
@@ -84,15 +97,41 @@ def make_pseudo_anomaly(
     if rng.random() >= anomaly_probability:
         return PseudoAnomaly(normal=normal, image=normal.copy(), mask=empty, label=0)
 
-    mask = perlin_mask((height, width), rng, **(perlin_kwargs or {})) & (fg > 0).astype(np.uint8)
+    augmented, mask = paste_texture_anomaly(
+        normal, fg, rng, textures, beta_range=beta_range, perlin_kwargs=perlin_kwargs, augment_ops=augment_ops
+    )
+    if not mask.any():
+        return PseudoAnomaly(normal=normal, image=normal.copy(), mask=empty, label=0)
+    return PseudoAnomaly(normal=normal, image=augmented, mask=mask, label=1)
+
+
+def paste_texture_anomaly(
+    image: np.ndarray,
+    foreground: np.ndarray,
+    rng: np.random.Generator,
+    textures: TextureBank,
+    *,
+    beta_range: tuple[float, float] = (0.0, 0.8),
+    perlin_kwargs: dict[str, Any] | None = None,
+    augment_ops: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The DFD paste on an (already rotated) image: Perlin mask ∩ foreground, augmented texture, β blend.
+
+    Returns ``(augmented uint8 H×W×3, mask uint8 {0, 1})``; the mask may be empty (the Perlin
+    blobs missed the foreground), then the image is returned unchanged. The random draws
+    (mask, texture, augmentation, β) happen in this order whatever the outcome, so the DFD
+    training split is reproducible for a seed.
+    """
+    height, width = image.shape[:2]
+    mask = perlin_mask((height, width), rng, **(perlin_kwargs or {})) & (np.asarray(foreground) > 0).astype(np.uint8)
     texture, _ = textures.sample(rng, (height, width))
     texture = augment_texture(texture, rng, n_ops=augment_ops)
     beta = rng.uniform(*beta_range)
     if not mask.any():
-        return PseudoAnomaly(normal=normal, image=normal.copy(), mask=empty, label=0)
-    blended = blend_anomaly(normal, texture, mask, beta)
+        return image.copy(), mask.astype(np.uint8)
+    blended = blend_anomaly(image, texture, mask, beta)
     augmented = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
-    return PseudoAnomaly(normal=normal, image=augmented, mask=mask.astype(np.uint8), label=1)
+    return augmented, mask.astype(np.uint8)
 
 
 @dataclass
@@ -103,6 +142,10 @@ class PseudoAnomalySet:
     those have ``source_index == -1``, ``defect_shot`` = the shot they come from (−1 for
     synthetic rows), and ``mask_known`` False when the shot has no ground-truth mask (their mask
     is then empty although the label is 1).
+
+    ``family`` names how each row was made (a str array): ``"normal"`` for label 0, ``"real"``
+    for labelled defect views, else the defect family (``"perlin"``, ``"scratch"``, ...). Left
+    out, it is derived from the labels: synthetic anomalies are then the DFD ``"perlin"`` paste.
     """
 
     normals: np.ndarray  # (M, H, W, 3) uint8
@@ -112,6 +155,7 @@ class PseudoAnomalySet:
     source_index: np.ndarray  # (M,) int64
     defect_shot: np.ndarray | None = None  # (M,) int64, −1 for synthetic rows
     mask_known: np.ndarray | None = None  # (M,) bool
+    family: np.ndarray | None = None  # (M,) str
 
     def __post_init__(self) -> None:
         count = int(np.asarray(self.labels).shape[0])
@@ -119,13 +163,18 @@ class PseudoAnomalySet:
             self.defect_shot = np.full(count, -1, dtype=np.int64)
         if self.mask_known is None:
             self.mask_known = np.ones(count, dtype=bool)
+        if self.family is None:
+            labels = np.asarray(self.labels)
+            real = np.asarray(self.defect_shot) >= 0
+            self.family = np.where(labels == 0, NORMAL_FAMILY, np.where(real, REAL_FAMILY, DEFAULT_FAMILY))
+        self.family = np.asarray(self.family, dtype=str)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def concat(self, other: PseudoAnomalySet) -> PseudoAnomalySet:
         """Rows of ``self`` followed by the rows of ``other``."""
-        fields = ("normals", "images", "masks", "labels", "source_index", "defect_shot", "mask_known")
+        fields = ("normals", "images", "masks", "labels", "source_index", "defect_shot", "mask_known", "family")
         return PseudoAnomalySet(
             **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in fields}
         ).validate()
@@ -158,6 +207,10 @@ class PseudoAnomalySet:
             raise ValueError("labels must be 1 exactly where the mask is non-empty")
         if (from_mask[~self.mask_known] != 0).any() or (self.labels[~self.mask_known] != 1).any():
             raise ValueError("rows without a known mask must be labelled defects with an empty mask")
+        if not isinstance(self.family, np.ndarray) or self.family.dtype.kind != "U" or self.family.shape != (count,):
+            raise ValueError(f"family must be a ({count},) str array")
+        if not np.array_equal(self.family == NORMAL_FAMILY, self.labels == 0):
+            raise ValueError(f"family must be {NORMAL_FAMILY!r} exactly on the label-0 rows")
         return self
 
 
@@ -169,12 +222,19 @@ def build_pseudo_anomaly_set(
     *,
     foreground_masks: Sequence[np.ndarray] | None = None,
     progress: bool = True,
+    families: FamilyConfig | None = None,
     **make_kwargs: Any,
 ) -> PseudoAnomalySet:
     """``n_per_image`` pseudo-anomalies per support image (DFD precomputes 80 per shot).
 
     ``foreground_masks`` (one per support image) are computed once and rotated with each
     sample, instead of recomputing the foreground of every rotated copy.
+
+    With ``families`` (a :class:`~fsad_pipeline.synthesis.defect_families.FamilyConfig`) each
+    anomalous row (probability ``anomaly_probability``) draws its defect family by the config's
+    weights, and nothing is rotated: every ``normals`` row, and every label-0 ``images`` row, is
+    the support image itself (the memory-bank stage scores those leave-one-support-out). Only
+    ``anomaly_probability``, ``foreground`` and ``foreground_kwargs`` apply then.
     """
     if len(support_images) == 0:
         raise ValueError("need at least one support image")
@@ -184,6 +244,11 @@ def build_pseudo_anomaly_set(
     if len(shapes) != 1:
         raise ValueError(f"all support images must share one size, got {sorted(shapes)}")
     (shape,) = shapes
+    if families is not None:
+        return _build_family_set(
+            support_images, int(n_per_image), rng, textures, families,
+            foreground_masks=foreground_masks, progress=progress, **make_kwargs,
+        )
     total = len(support_images) * int(n_per_image)
     normals = np.empty((total, *shape), dtype=np.uint8)
     images = np.empty((total, *shape), dtype=np.uint8)
@@ -198,3 +263,42 @@ def build_pseudo_anomaly_set(
             normals[row], images[row], masks[row], labels[row] = sample.normal, sample.image, sample.mask, sample.label
             bar.update(1)
     return PseudoAnomalySet(normals, images, masks, labels, source_index).validate()
+
+
+#: ``build_pseudo_anomaly_set`` keywords that still apply when the rows draw defect families.
+_FAMILY_SET_KWARGS = ("anomaly_probability", "foreground", "foreground_kwargs")
+
+
+def _build_family_set(
+    support_images: Sequence[np.ndarray],
+    n_per_image: int,
+    rng: np.random.Generator,
+    textures: TextureBank,
+    families: FamilyConfig,
+    *,
+    foreground_masks: Sequence[np.ndarray] | None,
+    progress: bool,
+    anomaly_probability: float = 0.8,
+    foreground: str = "auto",
+    foreground_kwargs: dict[str, Any] | None = None,
+    **unused: Any,
+) -> PseudoAnomalySet:
+    """The family-mixture set of :func:`build_pseudo_anomaly_set` (unrotated, one family per anomaly)."""
+    if unused:
+        raise ValueError(f"{sorted(unused)} do not apply with families (only {_FAMILY_SET_KWARGS} do)")
+    support = np.stack([np.asarray(image) for image in support_images])
+    if foreground_masks is None:
+        foreground_masks = [foreground_mask(image, foreground, **(foreground_kwargs or {})) for image in support]
+    total = len(support) * n_per_image
+    source_index = np.repeat(np.arange(len(support), dtype=np.int64), n_per_image)
+    normals = support[source_index]
+    images = normals.copy()
+    masks = np.zeros(normals.shape[:3], dtype=np.uint8)
+    anomalous = rng.random(total) < anomaly_probability
+    family = np.full(total, NORMAL_FAMILY, dtype=object)
+    for row in tqdm(np.flatnonzero(anomalous), desc="pseudo-anomaly families", disable=not progress):
+        source = int(source_index[row])
+        images[row], masks[row], family[row] = families.draw(support[source], foreground_masks[source], rng, textures)
+    return PseudoAnomalySet(
+        normals, images, masks, anomalous.astype(np.int64), source_index, family=family.astype(str)
+    ).validate()

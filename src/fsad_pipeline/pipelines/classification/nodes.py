@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
@@ -50,7 +51,7 @@ def fit_defect_classifier(
     types = [t for t in sorted(shots) for _ in shots[t]]
     fitted = fit_defect_type_classifiers(
         support_images,
-        load_images(paths, int(image_size)),
+        load_images(paths, as_hw(image_size)),
         types,
         TextureBank.from_parameters(textures),
         patch_scorers.scorers["knn"],
@@ -88,7 +89,7 @@ def classify_defect_types(
         table[f"closest_defect_type{suffix}"] = ""
     rows = np.flatnonzero(table["classified"].to_numpy())
     if rows.size:
-        features = defect_classifier.image_features(load_images(table["path"].iloc[rows].tolist(), int(image_size)))
+        features = defect_classifier.image_features(load_images(table["path"].iloc[rows].tolist(), as_hw(image_size)))
         for name, prediction in defect_classifier.classify(features).items():
             suffix = "" if name == CLASSIFIER else f"_{name}"
             columns = {**prediction.columns(suffix), f"closest_defect_type{suffix}": prediction.closed_set_type}

@@ -15,7 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "patch_scorers",
                     "params:synthesis.textures",
                     "params:classification",
-                    "params:image_size",
+                    "working_size",
                     "params:seed",
                     "params:device",
                 ],
@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 classify_defect_types,
-                inputs=["predictions", "defect_classifier", "params:classification", "params:image_size"],
+                inputs=["predictions", "defect_classifier", "params:classification", "working_size"],
                 outputs="defect_types",
                 name="classify_defect_types",
             ),

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fsad_pipeline.data.sampling import load_gt_masks, load_images
+from fsad_pipeline.data.geometry import ResizedMaps, as_hw
+from fsad_pipeline.data.sampling import load_gt_masks, load_images, load_native_gt_masks
 from fsad_pipeline.evaluation.figures import (
     confusion_matrix_figure,
     heatmap_overlay_grid,
@@ -18,6 +19,7 @@ from fsad_pipeline.evaluation.figures import (
 from fsad_pipeline.evaluation.html_report import render_html_report
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.fusion import fusion_summary
 from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS
 
 
@@ -40,25 +42,29 @@ def compute_metrics(
     evaluation: dict,
 ) -> tuple[dict, pd.DataFrame]:
     """metrics.json: the fused result at the top level, every scorer under ``scorers``."""
-    masks, has_mask = load_gt_masks(predictions["mask_path"].tolist(), predictions["gt_label"].tolist(), int(image_size))
+    # Pixel metrics at each image's own resolution: masks read at native size, maps upsampled to them.
+    masks, has_mask = load_native_gt_masks(
+        predictions["path"].tolist(), predictions["mask_path"].tolist(), predictions["gt_label"].tolist(),
+        max_side=evaluation.get("pixel_max_side"),
+    )
+    sizes = [mask.shape for mask in masks]
     limit = float(evaluation["aupro_fpr_limit"])
-    metrics = evaluate_predictions(predictions, anomaly_maps, masks, has_mask, fpr_limit=limit)
+    metrics = evaluate_predictions(predictions, ResizedMaps(anomaly_maps, sizes), masks, has_mask, fpr_limit=limit)
     scorers = {}
     for index, name in enumerate(fusion["scorers"]):
-        single = evaluate_predictions(_scorer_predictions(predictions, name), scorer_maps[index], masks, has_mask, fpr_limit=limit)
+        single = evaluate_predictions(_scorer_predictions(predictions, name), ResizedMaps(scorer_maps[index], sizes), masks, has_mask, fpr_limit=limit)
         scorers[name] = {k: single[k] for k in ("image_auroc", "image_auroc_per_defect_type", "pixel_auroc", "aupro", "f1_max")}
     metrics.update(
         {
             "scorers": scorers,
-            "fusion_weights": fusion["weights"],
-            "fusion_method": fusion["search"].get("method"),
+            **fusion_summary(fusion),
             "threshold": fusion["threshold"]["threshold"],
             "threshold_method": fusion["threshold"]["method"],
             "k_shot": int(k_shot),
             "k_defect_shots": int(k_defect_shots),
             "seed": int(seed),
             "backbone": dfd_model.features.backbone,
-            "image_size": int(image_size),
+            "image_size": list(as_hw(image_size)),
             "embedding_dim": dfd_model.features.target_dim,
             "train_seconds": dfd_model.info.get("train_seconds"),
             "best_meta_epoch": dfd_model.info.get("best_meta_epoch"),
@@ -98,8 +104,8 @@ def plot_results(
     chosen = np.concatenate([order[: n - n // 4], order[::-1][: n // 4]]) if len(order) > n else order
     chosen = list(dict.fromkeys(chosen.tolist()))
     rows = predictions.iloc[chosen]
-    images = load_images(rows["path"].tolist(), int(image_size))
-    masks, _ = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), int(image_size))
+    images = load_images(rows["path"].tolist(), as_hw(image_size))
+    masks, _ = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), as_hw(image_size))
     titles = [f"{r.defect_type} score={r.pred_score:.2f} {'NG' if r.pred_label else 'OK'}" for r in rows.itertuples()]
     overlays = heatmap_overlay_grid(
         images,
@@ -115,11 +121,19 @@ def plot_results(
 
 
 def plot_scorer_comparison(metrics: dict) -> Figure:
-    values = {"fused": metrics["image_auroc"]}
-    values.update({name: m["image_auroc"] for name, m in metrics["scorers"].items()})
+    """Test image AUROC per scorer, each next to its validation AUROC ("val") when recorded."""
+    validation = metrics.get("validation") or {}
+    recorded = {"fused": validation.get("fused") or {}, **(validation.get("scorers") or {})}
+    tested = {"fused": metrics["image_auroc"], **{name: m["image_auroc"] for name, m in metrics["scorers"].items()}}
+    values = {}
+    for name, value in tested.items():
+        values[name] = value
+        if "image_auroc" in recorded.get(name, {}):
+            values[f"{name} val"] = recorded[name]["image_auroc"]
+    with_validation = len(values) > len(tested)
     return metric_bar_figure(
         {k: float("nan") if v is None else v for k, v in values.items()},
-        title="Image AUROC per scorer (test set)",
+        title="Image AUROC per scorer (test set" + (", val = synthetic validation)" if with_validation else ")"),
         ylabel="image AUROC",
     )
 
@@ -155,7 +169,7 @@ def write_html_report(
     return render_html_report(
         predictions,
         anomaly_maps,
-        image_size=int(image_size),
+        image_size=as_hw(image_size),
         metrics=metrics,
         figures=figures,
         title=report["title"],

@@ -6,7 +6,7 @@ from fsad_pipeline.scoring.inference import run_inspection
 
 
 def inspect_new_images(
-    inference: dict, data: dict, backbone: str, image_size: int, config_version: int, device: str
+    inference: dict, data: dict, backbone: str, image_size: int | list, config_version: int, device: str
 ) -> dict:
     """Score ``inference.inputs`` with the bundle at ``inference.model_dir``; returns the run summary.
 
@@ -18,7 +18,7 @@ def inspect_new_images(
         inference["model_dir"],
         inference["inputs"],
         inference["output_dir"],
-        expect={"backbone": backbone, "image_size": int(image_size), "config_version": int(config_version)},
+        expect={"backbone": backbone, "image_size": image_size, "config_version": int(config_version)},
         device=device,
         threshold=inference.get("threshold"),
         batch_size=int(inference["batch_size"]),

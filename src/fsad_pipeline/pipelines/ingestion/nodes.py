@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
+from fsad_pipeline.data.geometry import working_size_record
 from fsad_pipeline.data.layouts import discover
 from fsad_pipeline.data.manifest import build_manifest
-from fsad_pipeline.data.sampling import select_defect_shots, select_support
+from fsad_pipeline.data.sampling import select_defect_shots, select_support, support_pool
+
+logger = logging.getLogger(__name__)
 
 
 def build_image_manifest(data: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -27,3 +32,15 @@ def select_support_shots(manifest: pd.DataFrame, k_shot: int, seed: int, rounds:
 
 def select_labelled_defects(manifest: pd.DataFrame, k_defect_shots: int, seed: int) -> dict:
     return select_defect_shots(manifest, k_defect_shots=int(k_defect_shots), seed=int(seed))
+
+
+def resolve_working_size(manifest: pd.DataFrame, image_size: int | list, image_layout: str, image_size_multiple: int) -> dict:
+    """working_size.json: the (H, W) every later stage resizes images to, from the support pool's sizes."""
+    record = working_size_record(
+        support_pool(manifest), image_size, layout=str(image_layout), multiple=int(image_size_multiple)
+    )
+    logger.info(
+        "working size %sx%s (H x W; %s, median native size %s, median aspect %s)",
+        *record["image_size"], record["layout"], record["median_native_hw"], record["median_aspect"],
+    )
+    return record

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import build_image_manifest, select_labelled_defects, select_support_shots
+from .nodes import build_image_manifest, resolve_working_size, select_labelled_defects, select_support_shots
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -17,6 +17,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["manifest", "params:k_shot", "params:seed", "params:support_rounds"],
                 outputs="support_selection",
                 name="select_support_shots",
+            ),
+            node(
+                resolve_working_size,
+                inputs=["manifest", "params:image_size", "params:image_layout", "params:image_size_multiple"],
+                outputs="working_size",
+                name="resolve_working_size",
             ),
             node(
                 select_labelled_defects,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.sampling import load_defect_shots
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.pipelines.training.nodes import feature_config
@@ -28,7 +29,7 @@ def build_fusion_validation(
     A shot without a ground-truth mask has an all-zero mask here, so its views are marked
     ``mask_known`` False.
     """
-    images, masks, _ = load_defect_shots(manifest, defect_shots, int(image_size))
+    images, masks, _ = load_defect_shots(manifest, defect_shots, as_hw(image_size))
     config = SupportAugmentationConfig.from_dict(defect_views)
     return with_labelled_defects(synthetic_validation, images, masks, config)
 
@@ -47,7 +48,7 @@ def fit_memory_banks(
 ) -> tuple[PatchScorerSet, dict]:
     """The fitted patch scorers, and their leave-one-out outputs on the fusion validation set."""
     features = feature_config(memory_bank.get("backbone") or backbone, image_size, memory_bank["features"])
-    defect_images, defect_masks, has_mask = load_defect_shots(manifest, defect_shots, int(image_size))
+    defect_images, defect_masks, has_mask = load_defect_shots(manifest, defect_shots, as_hw(image_size))
     if not has_mask.all():
         defect_masks = None  # no mask for some shots: use the top-scoring patches for all of them
     return fit_patch_scorers(

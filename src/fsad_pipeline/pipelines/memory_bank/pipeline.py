@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 build_fusion_validation,
-                inputs=["synthetic_validation", "defect_shots", "manifest", "params:image_size", "params:fusion.defect_views"],
+                inputs=["synthetic_validation", "defect_shots", "manifest", "working_size", "params:fusion.defect_views"],
                 outputs="fusion_validation",
                 name="build_fusion_validation",
             ),
@@ -27,7 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "defect_shots",
                     "manifest",
                     "params:backbone",
-                    "params:image_size",
+                    "working_size",
                     "params:memory_bank",
                     "params:seed",
                     "params:device",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.scoring.batch import score_paths
@@ -16,12 +17,16 @@ from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
+# Keys of the ``fusion`` parameters passed on to ``fit_fusion`` (``defect_views`` is the memory_bank stage's).
+FUSION_OPTIONS = ("search", "n_trials", "min_gain", "normal_quantile", "normal_pixel_quantile", "max_pixels")
+
+
 def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None):
     device = str(select_device(device))
     return assemble(
         dfd_model,
         patch_scorers,
-        image_size=int(image_size),
+        image_size=as_hw(image_size),
         winclip_scorer=build_winclip(support_images, winclip, device=device),
         map_sigma=dfd_model.train_config.map_sigma,
         device=device,
@@ -45,22 +50,24 @@ def fit_score_fusion(
 
     The validation set is the synthetic split plus augmented labelled defect shots (when any).
     The patch scorers' validation outputs come from the memory_bank stage (leave-one-out);
-    the image scorers (DFD, WinCLIP) score the validation images here.
+    the image scorers (DFD, WinCLIP) score the validation images here. The record's
+    ``validation`` holds the per-scorer and fused validation AUROCs (and per pseudo-anomaly
+    family when the validation set carries a ``family`` array) next to the row counts.
     """
     ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device)
     outputs = {**score_in_chunks(ensemble, fusion_validation.images), **patch_validation}
     labels = fusion_validation.labels
+    options = {key: fusion[key] for key in FUSION_OPTIONS if key in fusion}  # absent: fit_fusion's defaults
     fitted = fit_fusion(
         outputs,
         labels,
         fusion_validation.masks,
         mask_known=fusion_validation.mask_known,
-        n_trials=int(fusion["n_trials"]),
+        families=getattr(fusion_validation, "family", None),
         seed=int(seed),
-        min_gain=float(fusion["min_gain"]),
-        pixel_weight=float(fusion["pixel_weight"]),
-        search=bool(fusion["search"]),
+        **options,
     )
+    # The threshold is calibrated on the fused score's own scale (normal-spread units).
     fused = fitted.fuse(outputs)
     decision = calibrate_threshold(
         labels,
@@ -68,12 +75,15 @@ def fit_score_fusion(
         method=threshold["method"],
         target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
     )
-    counts = {
-        "validation_images": len(labels),
-        "validation_anomalous": int(labels.sum()),
-        "validation_defect_views": int((fusion_validation.defect_shot >= 0).sum()),
-    }
-    return {**fitted.to_dict(), "threshold": decision, "scorers": fitted.scorers, "validation": counts}
+    record = fitted.to_dict()
+    record["validation"].update(
+        {
+            "validation_images": len(labels),
+            "validation_anomalous": int(labels.sum()),
+            "validation_defect_views": int((fusion_validation.defect_shot >= 0).sum()),
+        }
+    )
+    return {**record, "threshold": decision, "scorers": fitted.scorers}
 
 
 def score_test_images(

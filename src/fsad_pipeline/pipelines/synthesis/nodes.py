@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import pseudo_anomaly_examples_figure
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet, build_pseudo_anomaly_set
+from fsad_pipeline.synthesis.defect_families import FamilyConfig, family_example_rows
 from fsad_pipeline.synthesis.foreground import foreground_mask
 from fsad_pipeline.synthesis.textures import TextureBank
 
@@ -28,7 +29,22 @@ def compute_foreground_masks(support_images: np.ndarray, method: str) -> np.ndar
     return np.stack([foreground_mask(image, method=method) for image in support_images])
 
 
+def _family_config(recipe: dict) -> FamilyConfig:
+    """``recipe``'s families; the ``perlin`` family defaults to the recipe's own DFD paste."""
+    family_params = dict(recipe.get("family_params") or {})
+    perlin = {
+        "beta_range": recipe["beta_range"], "perlin": dict(recipe["perlin"]), "texture_ops": recipe["texture_ops"]
+    }
+    family_params["perlin"] = {**perlin, **(family_params.get("perlin") or {})}
+    return FamilyConfig.from_dict({**recipe, "family_params": family_params})
+
+
 def _build_set(support_images, foreground_masks, textures, recipe: dict, n_per_image: int, rng) -> PseudoAnomalySet:
+    if recipe.get("families"):
+        return build_pseudo_anomaly_set(
+            support_images, n_per_image, rng, textures, foreground_masks=foreground_masks,
+            families=_family_config(recipe), anomaly_probability=recipe["anomaly_probability"],
+        )
     return build_pseudo_anomaly_set(
         support_images,
         n_per_image,
@@ -53,7 +69,7 @@ def synthesize_training_set(
 def synthesize_validation_set(
     support_images: np.ndarray, foreground_masks: np.ndarray, textures: TextureBank, synthesis: dict, seed: int
 ) -> PseudoAnomalySet:
-    """The same recipe with its own seed (and overrides from ``synthesis.validation``)."""
+    """The recipe with its own seed and the overrides of ``synthesis.validation`` (its defect families)."""
     recipe = {**synthesis, **synthesis["validation"]}
     rng = np.random.default_rng([int(seed), VALIDATION_STREAM])
     return _build_set(support_images, foreground_masks, textures, recipe, recipe["n_per_image"], rng)
@@ -62,4 +78,13 @@ def synthesize_validation_set(
 def plot_pseudo_anomaly_examples(samples: PseudoAnomalySet, n_examples: int) -> Figure:
     return pseudo_anomaly_examples_figure(
         samples.images, samples.masks, samples.labels, normals=samples.normals, n_max=int(n_examples)
+    )
+
+
+def plot_family_examples(samples: PseudoAnomalySet, n_examples: int) -> Figure:
+    """Examples of every defect family in ``samples`` in turn (then one normal), family named per row."""
+    rows = family_example_rows(samples.family, int(n_examples))
+    titles = ["0" if samples.labels[r] == 0 else f"1, {samples.family[r]}" for r in rows]
+    return pseudo_anomaly_examples_figure(
+        samples.images[rows], samples.masks[rows], titles, normals=samples.normals[rows], n_max=len(rows)
     )

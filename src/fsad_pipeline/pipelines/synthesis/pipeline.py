@@ -4,6 +4,7 @@ from .nodes import (
     build_texture_bank,
     compute_foreground_masks,
     load_support_images,
+    plot_family_examples,
     plot_pseudo_anomaly_examples,
     synthesize_training_set,
     synthesize_validation_set,
@@ -17,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 load_support_images,
-                inputs=["support_selection", "params:image_size", "params:data"],
+                inputs=["support_selection", "working_size", "params:data"],
                 outputs="support_images",
                 name="load_support_images",
             ),
@@ -40,6 +41,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["pseudo_anomalies", "params:synthesis.n_examples"],
                 outputs="pseudo_anomaly_examples",
                 name="plot_pseudo_anomaly_examples",
+            ),
+            node(
+                plot_family_examples,
+                inputs=["synthetic_validation", "params:synthesis.n_examples"],
+                outputs="validation_family_examples",
+                name="plot_validation_family_examples",
             ),
         ],
         tags="synthesis",

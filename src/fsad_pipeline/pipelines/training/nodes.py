@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
+from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.evaluation.figures import training_history_figure
 from fsad_pipeline.models.dfd_training import DFDTrainConfig
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer, FeatureConfig
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
-def feature_config(backbone: str, image_size: int, features: dict) -> FeatureConfig:
-    return FeatureConfig.from_dict({**features, "backbone": backbone, "image_size": int(image_size)})
+def feature_config(backbone: str, image_size: int | list | dict, features: dict) -> FeatureConfig:
+    """``image_size``: the working size (an int, [H, W] or the ingestion's working-size record)."""
+    return FeatureConfig.from_dict({**features, "backbone": backbone, "image_size": list(as_hw(image_size))})
 
 
 def train_dfd_model(

@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "pseudo_anomalies",
                     "synthetic_validation",
                     "params:backbone",
-                    "params:image_size",
+                    "working_size",
                     "params:features",
                     "params:dfd",
                     "params:threshold",

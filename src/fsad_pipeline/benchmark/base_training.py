@@ -8,7 +8,7 @@ The same is done with the plain ImageNet backbone. Per k and support round: imag
 AUROC; plus base-training minutes and scoring images/s. Parameters come from the project's
 ``conf/base`` (``--set`` overrides them, OmegaConf dot-list syntax).
 
-    python -m fsad_pipeline.benchmark_base_training --targets grid tire juice_bottle metal_plate textile \
+    python -m fsad_pipeline.benchmark.base_training --targets grid tire juice_bottle metal_plate textile \
         --ks 2 4 8 --rounds 3 --threads 1
 
 Results: ``<out>/results.json`` and ``<out>/results.md``; encoders in ``<out>/encoders/loo_<target>``;
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from omegaconf import OmegaConf
 
+from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters
 from fsad_pipeline.data.base_data import leave_one_out_split
 from fsad_pipeline.data.layouts import discover
 from fsad_pipeline.data.sampling import evaluation_set, load_gt_masks, load_images, select_support
@@ -42,18 +41,8 @@ from fsad_pipeline.scoring.patch_scorers import fit_patch_scorers, score_patch_f
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
 from fsad_pipeline.synthesis.textures import TextureBank
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCORERS = ("knn", "gaussian")
-logger = logging.getLogger("fsad_pipeline.benchmark_base_training")
-
-
-def load_parameters(conf_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """The project's parameters (every ``parameters*.yml`` of ``conf_dir``) with dot-list overrides."""
-    params: dict[str, Any] = {}
-    for path in sorted(conf_dir.glob("parameters*.yml")):
-        params.update(yaml.safe_load(path.read_text()) or {})
-    merged = OmegaConf.merge(OmegaConf.create(params), OmegaConf.from_dotlist(overrides))
-    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+logger = logging.getLogger("fsad_pipeline.benchmark.base_training")
 
 
 def target_sources(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ and classification images/s (features, residuals and the three methods together)
 and measures how often its images are called ``unknown`` (the pretrained encoder, not the
 fine-tuned one, so the left-out type was never seen).
 
-    python -m fsad_pipeline.benchmark_defect_types --categories textile tire grid --shots 1 2 4 --seeds 0 1 2
+    python -m fsad_pipeline.benchmark.defect_types --categories textile tire grid --shots 1 2 4 --seeds 0 1 2
 
 Results: ``<out>/results.json`` and ``<out>/results.md``.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fsad_pipeline.benchmark_base_training import load_parameters
+from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters
 from fsad_pipeline.data.layouts import discover
 from fsad_pipeline.data.sampling import load_images, select_defect_shots, select_support
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
@@ -43,8 +43,7 @@ from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
 from fsad_pipeline.synthesis.textures import TextureBank
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-logger = logging.getLogger("fsad_pipeline.benchmark_defect_types")
+logger = logging.getLogger("fsad_pipeline.benchmark.defect_types")
 
 
 def category_manifest(name: str, args: argparse.Namespace, params: dict[str, Any]) -> pd.DataFrame:

@@ -1,0 +1,328 @@
+"""The real-data suite: the ``dfd`` chain on every real dataset, against the plain kNN reference.
+
+For every dataset, k and seed: one ``kedro run --pipelines=dfd`` in a scratch copy of the project
+(:func:`~fsad_pipeline.benchmark.runs.run_once`), then the plain patch-kNN reference
+(:mod:`fsad_pipeline.benchmark.reference`) on the same supports and test images. Datasets: the
+built-in textile (default parameters), KolektorSDD (folder layout) and each MVTec-layout base
+category, read in place from ``<project>/../shared/data`` (``--shared-data``); an absent dataset
+is skipped with one printed line.
+
+    python -m fsad_pipeline.benchmark --suite real --ks 1 2 4 --seeds 0 1 2
+    python -m fsad_pipeline.benchmark --suite real --datasets textile metal_plate --ks 2 --seeds 0
+
+Results (rewritten after every run, so a partial suite is readable): ``<out>/suite.json`` (every
+run: fused, every scorer and the plain reference: image / pixel AUROC, AUPRO; wall and train
+seconds, img/s, peak RSS) and ``<out>/suite.md``: per dataset and k, mean ± std over seeds; the
+scorers ranked by validation and by test image AUROC; the issue-16 target check
+``fused >= max(best single scorer, plain) - TARGET_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters, load_parameters_with, run_once
+
+#: The suite's metrics, for the fused result, every scorer and the plain reference.
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+#: Issue 16's target: the fused image AUROC may fall short of the best alternative by this much.
+TARGET_TOLERANCE = 0.005
+#: The MVTec-layout base categories of the shared data.
+BASE_CATEGORIES = ("grid", "juice_bottle", "metal_plate", "tire")
+PLAIN = "plain"
+#: Both plain references (benchmark.reference.REFERENCE_VARIANTS); the floor is the better of them.
+REFERENCES = (PLAIN, "plain_max")
+REFERENCE_LABELS = {PLAIN: "plain reference (cosine, top 1 %)", "plain_max": "plain reference (Euclidean, max)"}
+#: The suites ``--suite`` can run.
+SUITES = ("real",)
+FUSED = "fused"
+
+
+@dataclass(frozen=True)
+class SuiteDataset:
+    """One dataset of the suite: its name and the Kedro runtime params that point the run at it."""
+
+    name: str
+    params: str = ""
+
+
+def default_shared_data() -> Path:
+    """``<project>/../shared/data``: the real data, read in place."""
+    return PROJECT_ROOT.parent / "shared" / "data"
+
+
+def suite_datasets(shared_data: Path, names: list[str] | None = None) -> list[SuiteDataset]:
+    """The datasets found under ``shared_data`` (plus the built-in textile), in suite order.
+
+    ``names`` keeps a subset (by name); a requested or expected dataset that is absent is
+    skipped with one printed line.
+    """
+    shared_data = Path(shared_data).resolve()
+    candidates: list[tuple[str, Path | None, str]] = [("textile", None, "")]
+    kolektor = shared_data / "kolektorsdd"
+    candidates.append(
+        ("kolektorsdd", kolektor / "kolektor", f"data.source=folder,data.root={kolektor},data.category=kolektor")
+    )
+    base = shared_data / "base_categories"
+    for name in BASE_CATEGORIES:
+        candidates.append((name, base / name / "train" / "good", f"data.source=mvtec,data.root={base},data.category={name}"))
+    if names:
+        unknown = sorted(set(names) - {name for name, _, _ in candidates})
+        if unknown:
+            raise ValueError(f"unknown suite datasets {unknown}; choose from {[n for n, _, _ in candidates]}")
+    datasets = []
+    for name, required, params in candidates:
+        if names and name not in names:
+            continue
+        if required is not None and not required.is_dir():
+            print(f"[suite] skipping {name}: {required} not found", flush=True)
+            continue
+        datasets.append(SuiteDataset(name, params))
+    return datasets
+
+
+def run_parameters(workdir: Path, params: str, env_name: str | None = None) -> dict[str, Any]:
+    """The parameters a ``kedro run --params=<params>`` in ``workdir`` used: ``conf/base``, the
+    environment's parameter files on top (``local`` by default; a top-level key replaces the
+    base one, as Kedro's default merge does), then the runtime overrides."""
+    overrides = [p for p in params.split(",") if p]
+    merged = load_parameters(Path(workdir) / "conf" / "base", [])
+    merged.update(load_parameters(Path(workdir) / "conf" / (env_name or "local"), []))
+    return load_parameters_with(merged, overrides)
+
+
+def _pick(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: metrics.get(key) for key in METRICS}
+
+
+def suite_run(
+    workdir: Path,
+    dataset: SuiteDataset,
+    k: int,
+    seed: int,
+    *,
+    extra_params: str = "",
+    env_name: str | None = None,
+    log_path: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One suite entry: the ``dfd`` run of ``dataset`` at (k, seed) in ``workdir``, then the plain
+    reference on that run's supports and test images. Returns the suite record (see module doc)."""
+    from fsad_pipeline.benchmark.reference import reference_for_run
+
+    params = ",".join(p for p in (dataset.params, f"k_shot={k}", f"seed={seed}", extra_params) if p)
+    metrics = run_once(workdir, params, env_name=env_name, log_path=log_path)
+    references = reference_for_run(workdir, run_parameters(workdir, params, env_name), progress=progress)
+    validation = (metrics.get("validation") or {}).get("scorers") or {}
+    return {
+        "dataset": dataset.name,
+        "k_shot": int(k),
+        "seed": int(seed),
+        "params": params,
+        FUSED: _pick(metrics),
+        "scorers": {name: _pick(values) for name, values in (metrics.get("scorers") or {}).items()},
+        **{name: {**_pick(out), "bank_size": out["bank_size"], "seconds": out["seconds"]} for name, out in references.items()},
+        # The fusion's validation split (metrics.json ``validation``; absent in older runs): per scorer and fused.
+        "validation": {name: {k_: v.get(k_) for k_ in ("image_auroc", "pixel_auroc")} for name, v in validation.items()},
+        "validation_fused": (metrics.get("validation") or {}).get("fused") or None,
+        "image_auroc_per_defect_type": {FUSED: metrics.get("image_auroc_per_defect_type"),
+                                        **{name: out.get("image_auroc_per_defect_type") for name, out in references.items()}},
+        "wall_seconds": metrics.get("wall_seconds"),
+        "train_seconds": metrics.get("train_seconds"),
+        "score_images_per_second": metrics.get("score_images_per_second"),
+        "peak_rss_gib": metrics.get("peak_rss_gib"),
+        "image_size": metrics.get("image_size"),
+        "backbone": metrics.get("backbone"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Summary tables
+# --------------------------------------------------------------------------------------------
+
+
+def _values(group: list[dict], method: str, metric: str) -> list[float]:
+    out = []
+    for run in group:
+        source = run["scorers"].get(method, {}) if method not in (FUSED, *REFERENCES) else run.get(method, {})
+        value = source.get(metric)
+        if value is not None and np.isfinite(value):
+            out.append(float(value))
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    return {"mean": _mean(values), "std": float(np.std(values)) if values else None, "n": len(values)}
+
+
+def _cell(values: list[float]) -> str:
+    return "n/a" if not values else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _groups(runs: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["dataset"], int(run["k_shot"])), []).append(run)
+    return groups
+
+
+def _scorer_names(group: list[dict]) -> list[str]:
+    return sorted({name for run in group for name in run["scorers"]})
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    """Average ranks (1 = lowest), ties share their mean rank."""
+    array = np.asarray(values, dtype=float)
+    order = array.argsort(kind="stable")
+    ranks = np.empty(len(array))
+    ranks[order] = np.arange(1, len(array) + 1)
+    for value in np.unique(array):
+        tied = array == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation of two equally long lists (None when undefined)."""
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def ranking(group: list[dict]) -> dict[str, Any]:
+    """The scorers ranked (best first) by mean validation and by mean test image AUROC over seeds."""
+    names = _scorer_names(group)
+    test = {n: _mean(_values(group, n, "image_auroc")) for n in names}
+    validation = {
+        n: _mean([float(r["validation"][n]["image_auroc"]) for r in group
+                  if (r.get("validation") or {}).get(n, {}).get("image_auroc") is not None])
+        for n in names
+    }
+    by_test = sorted((n for n in names if test[n] is not None), key=lambda n: -test[n])
+    by_validation = sorted((n for n in names if validation[n] is not None), key=lambda n: -validation[n])
+    both = [n for n in names if test[n] is not None and validation[n] is not None]
+    result: dict[str, Any] = {"by_validation": by_validation, "by_test": by_test, "validation": validation, "test": test,
+                              "top1_agree": None, "spearman": None}
+    if by_validation and by_test:
+        result["top1_agree"] = by_validation[0] == by_test[0]
+    if len(both) >= 3:
+        result["spearman"] = spearman([validation[n] for n in both], [test[n] for n in both])
+    return result
+
+
+def target_check(group: list[dict]) -> dict[str, Any]:
+    """Issue 16's target on the means over seeds: fused >= max(best single scorer, plain) - tolerance
+    (plain: the better of the two references)."""
+    means = {n: _mean(_values(group, n, "image_auroc")) for n in _scorer_names(group)}
+    means = {n: v for n, v in means.items() if v is not None}
+    best = max(means, key=means.get) if means else None
+    fused = _mean(_values(group, FUSED, "image_auroc"))
+    plains = [v for v in (_mean(_values(group, name, "image_auroc")) for name in REFERENCES) if v is not None]
+    plain = max(plains) if plains else None
+    bar_values = [v for v in (means.get(best) if best else None, plain) if v is not None]
+    bar = max(bar_values) - TARGET_TOLERANCE if bar_values else None
+    return {"fused": fused, "best_scorer": best, "best_scorer_image_auroc": means.get(best) if best else None,
+            "plain": plain, "bar": bar, "met": None if fused is None or bar is None else bool(fused >= bar)}
+
+
+def summary(runs: list[dict]) -> list[dict]:
+    """Per dataset and k: mean and std of every metric per method, the ranking and the target check."""
+    rows = []
+    for (dataset, k), group in _groups(runs).items():
+        methods = {method: {m: _stats(_values(group, method, m)) for m in METRICS}
+                   for method in (FUSED, *_scorer_names(group), *REFERENCES)}
+        rows.append({"dataset": dataset, "k_shot": k, "seeds": sorted(r["seed"] for r in group), "methods": methods,
+                     "ranking": ranking(group), "target": target_check(group)})
+    return rows
+
+
+def suite_markdown(runs: list[dict]) -> str:
+    """suite.md: the metric tables, the ranking table and the target check."""
+    if not runs:
+        return "(no runs)\n"
+    lines = ["# Real-data suite", ""]
+    groups = _groups(runs)
+    for (dataset, k), group in groups.items():
+        seeds = ", ".join(str(s) for s in sorted(r["seed"] for r in group))
+        lines += [f"## {dataset}, k = {k} (seeds {seeds})", "",
+                  "| method | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+        for method in (FUSED, *_scorer_names(group), *REFERENCES):
+            label = REFERENCE_LABELS.get(method, method)
+            lines.append(f"| {label} | " + " | ".join(_cell(_values(group, method, m)) for m in METRICS) + " |")
+        lines.append("")
+    lines += ["## Ranking of the scorers (mean image AUROC over seeds, best first)", "",
+              "| dataset | k | by validation | by test | top-1 agree | Spearman |", "|---|---|---|---|---|---|"]
+    for (dataset, k), group in groups.items():
+        rank = ranking(group)
+        validation = ", ".join(f"{n} {rank['validation'][n]:.3f}" for n in rank["by_validation"]) or "n/a"
+        test = ", ".join(f"{n} {rank['test'][n]:.3f}" for n in rank["by_test"]) or "n/a"
+        agree = "n/a" if rank["top1_agree"] is None else ("yes" if rank["top1_agree"] else "no")
+        lines.append(f"| {dataset} | {k} | {validation} | {test} | {agree} | {_fmt(rank['spearman'])} |")
+    lines += ["", f"## Target: fused >= max(best single scorer, plain) - {TARGET_TOLERANCE} (mean test image AUROC)", "",
+              "| dataset | k | fused | best single scorer | plain | bar | target met |", "|---|---|---|---|---|---|---|"]
+    for (dataset, k), group in groups.items():
+        check = target_check(group)
+        best = f"{check['best_scorer']} {_fmt(check['best_scorer_image_auroc'])}" if check["best_scorer"] else "n/a"
+        met = "n/a" if check["met"] is None else ("yes" if check["met"] else "**no**")
+        lines.append(f"| {dataset} | {k} | {_fmt(check['fused'])} | {best} | {_fmt(check['plain'])} | "
+                     f"{_fmt(check['bar'])} | {met} |")
+    lines += ["", "## Cost (mean over seeds)", "",
+              "| dataset | k | wall s | train s | scoring img/s | peak RSS GiB | plain reference s |",
+              "|---|---|---|---|---|---|---|"]
+    for (dataset, k), group in groups.items():
+        cells = [_mean([float(r[key]) for r in group if r.get(key) is not None])
+                 for key in ("wall_seconds", "train_seconds", "score_images_per_second", "peak_rss_gib")]
+        cells.append(_mean([float(r[PLAIN]["seconds"]) for r in group if r.get(PLAIN, {}).get("seconds") is not None]))
+        lines.append(f"| {dataset} | {k} | " + " | ".join("n/a" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_suite(out: Path, runs: list[dict], settings: dict[str, Any]) -> None:
+    """suite.json and suite.md (called after every run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "runs": runs, "summary": summary(runs), "cpu_count": os.cpu_count()}
+    (out / "suite.json").write_text(json.dumps(payload, indent=2))
+    (out / "suite.md").write_text(suite_markdown(runs))
+
+
+def run_suite(
+    datasets: list[SuiteDataset],
+    ks: list[int],
+    seeds: list[int],
+    *,
+    workdir: Path,
+    out: Path,
+    extra_params: str = "",
+    env_name: str | None = None,
+) -> list[dict]:
+    """Every dataset x k x seed through :func:`suite_run`; the files are rewritten after each run."""
+    runs: list[dict] = []
+    settings = {"datasets": [d.name for d in datasets], "ks": ks, "seeds": seeds, "params": extra_params, "env": env_name}
+    for dataset in datasets:
+        for k in ks:
+            for seed in seeds:
+                print(f"[suite] {dataset.name} k={k} seed={seed} ...", flush=True)
+                record = suite_run(workdir, dataset, k, seed, extra_params=extra_params, env_name=env_name,
+                                   log_path=out / f"suite_{dataset.name}_k{k}_seed{seed}.log")
+                runs.append(record)
+                print(f"[suite] {dataset.name} k={k} seed={seed}: fused image AUROC {_fmt(record[FUSED]['image_auroc'])}, "
+                      f"plain {_fmt(record[PLAIN]['image_auroc'])}, wall {record['wall_seconds']:.0f} s", flush=True)
+                write_suite(out, runs, settings)
+    return runs

@@ -1,0 +1,120 @@
+"""The real-data suite's bookkeeping: datasets found or skipped, tables, ranking, target check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fsad_pipeline.benchmark.__main__ import main
+from fsad_pipeline.benchmark.suite import (
+    ranking,
+    run_parameters,
+    spearman,
+    suite_datasets,
+    suite_markdown,
+    target_check,
+    write_suite,
+)
+
+
+def _record(dataset, k, seed, fused, scorers, plain, validation=None):
+    def metrics(value):
+        return {"image_auroc": value, "pixel_auroc": None if value is None else value - 0.1, "aupro": None}
+
+    return {
+        "dataset": dataset, "k_shot": k, "seed": seed, "fused": metrics(fused),
+        "scorers": {name: metrics(value) for name, value in scorers.items()}, "plain": {**metrics(plain), "seconds": 2.0},
+        "validation": {name: {"image_auroc": value, "pixel_auroc": None} for name, value in (validation or {}).items()},
+        "wall_seconds": 100.0, "train_seconds": 50.0, "score_images_per_second": 4.0, "peak_rss_gib": 1.5,
+    }
+
+
+RUNS = [
+    _record("tire", 2, 0, 0.80, {"dfd": 0.70, "knn": 0.78, "winclip": 0.60}, 0.75, {"dfd": 0.9, "knn": 0.8, "winclip": 0.7}),
+    _record("tire", 2, 1, 0.70, {"dfd": 0.60, "knn": 0.74, "winclip": 0.62}, 0.65, {"dfd": 0.8, "knn": 0.7, "winclip": 0.6}),
+    _record("grid", 1, 0, 0.90, {"dfd": 0.904, "knn": 0.85}, 0.88),
+]
+
+
+def test_tables_give_mean_and_std_over_seeds_for_fused_every_scorer_and_plain():
+    table = suite_markdown(RUNS)
+    assert "## tire, k = 2 (seeds 0, 1)" in table
+    assert "| fused | 0.750 ± 0.050 | 0.650 ± 0.050 | n/a |" in table
+    assert "| knn | 0.760 ± 0.020 |" in table
+    assert "| plain reference (cosine, top 1 %) | 0.700 ± 0.050 |" in table
+    assert "## grid, k = 1 (seeds 0)" in table
+
+
+def test_ranking_by_validation_and_by_test_with_agreement_and_spearman():
+    rank = ranking([r for r in RUNS if r["dataset"] == "tire"])
+    assert rank["by_validation"] == ["dfd", "knn", "winclip"]
+    assert rank["by_test"] == ["knn", "dfd", "winclip"]  # knn 0.76, dfd 0.65, winclip 0.61
+    assert rank["top1_agree"] is False
+    assert rank["spearman"] == pytest.approx(0.5)
+    table = suite_markdown(RUNS)
+    assert "| tire | 2 | dfd 0.850, knn 0.750, winclip 0.650 | knn 0.760, dfd 0.650, winclip 0.610 | no | 0.500 |" in table
+    # grid has no validation metrics (older runs): n/a, not an error; two scorers: no Spearman
+    assert "| grid | 1 | n/a | dfd 0.904, knn 0.850 | n/a | n/a |" in table
+
+
+def test_spearman_matches_the_rank_correlation():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_target_check_compares_fused_with_the_best_single_scorer_and_plain():
+    tire = target_check([r for r in RUNS if r["dataset"] == "tire"])
+    assert tire["best_scorer"] == "knn" and tire["bar"] == pytest.approx(0.76 - 0.005)
+    assert tire["met"] is False  # 0.75 < 0.755
+    grid = target_check([r for r in RUNS if r["dataset"] == "grid"])
+    assert grid["met"] is True and grid["bar"] == pytest.approx(0.899)  # 0.90 >= 0.904 - 0.005
+    table = suite_markdown(RUNS)
+    assert "| tire | 2 | 0.750 | knn 0.760 | 0.700 | 0.755 | **no** |" in table
+    assert "| grid | 1 | 0.900 | dfd 0.904 | 0.880 | 0.899 | yes |" in table
+    above_scorers = target_check([_record("x", 1, 0, 0.85, {"dfd": 0.7}, 0.9)])  # the plain floor sets the bar
+    assert above_scorers["bar"] == pytest.approx(0.895) and above_scorers["met"] is False
+
+
+def test_cost_table_reports_the_run_and_the_reference_seconds():
+    assert "| tire | 2 | 100.0 | 50.0 | 4.0 | 1.5 | 2.0 |" in suite_markdown(RUNS)
+
+
+def test_suite_files_are_written_and_readable(tmp_path):
+    write_suite(tmp_path, RUNS[:1], {"ks": [2]})
+    payload = json.loads((tmp_path / "suite.json").read_text())
+    assert payload["runs"][0]["plain"]["image_auroc"] == 0.75
+    assert payload["summary"][0]["methods"]["knn"]["image_auroc"]["mean"] == pytest.approx(0.78)
+    assert "plain reference" in (tmp_path / "suite.md").read_text()
+
+
+def test_datasets_are_found_in_the_shared_folder_and_absent_ones_skipped(tmp_path, capsys):
+    (tmp_path / "base_categories" / "tire" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "kolektorsdd" / "kolektor").mkdir(parents=True)
+    datasets = suite_datasets(tmp_path)
+    assert [d.name for d in datasets] == ["textile", "kolektorsdd", "tire"]
+    assert datasets[0].params == ""
+    assert datasets[1].params == f"data.source=folder,data.root={tmp_path / 'kolektorsdd'},data.category=kolektor"
+    assert datasets[2].params == f"data.source=mvtec,data.root={tmp_path / 'base_categories'},data.category=tire"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 3 and all(line.startswith("[suite] skipping ") for line in printed)  # one line each
+    assert [d.name for d in suite_datasets(tmp_path, ["tire", "grid"])] == ["tire"]
+    with pytest.raises(ValueError, match="unknown suite datasets"):
+        suite_datasets(tmp_path, ["mnist"])
+
+
+def test_the_command_line_with_no_dataset_found_stops_cleanly(tmp_path):
+    assert main(["--suite", "real", "--datasets", "grid", "--shared-data", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_run_parameters_are_the_project_conf_with_the_runtime_overrides(tmp_path):
+    import shutil
+
+    from fsad_pipeline.benchmark.runs import PROJECT_ROOT
+
+    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
+    params = run_parameters(tmp_path, "data.source=mvtec,data.root=/x,data.category=tire,k_shot=4,seed=1")
+    assert params["data"]["source"] == "mvtec" and params["data"]["category"] == "tire"
+    assert params["data"]["max_pixels"] > 0  # the rest of the data block is kept
+    assert params["k_shot"] == 4 and params["memory_bank"]["map_sigma"] > 0
