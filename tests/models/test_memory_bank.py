@@ -186,3 +186,56 @@ def test_progress_switch(capsys) -> None:
     MemoryBankScorer(coreset_ratio=0.5, backend="torch", progress=True).fit(support).patch_scores(support)
     err = capsys.readouterr().err
     assert "k-center" in err and "kNN" in err
+
+
+def test_cosine_distance_scores_normalised_vectors_and_keeps_the_raw_bank() -> None:
+    support = _as_features(HAND_BANK[1:], 1, 3)  # (1, 0), (0, 2), (3, 3): no zero vector
+    scorer = MemoryBankScorer(coreset_ratio=None, distance="cosine", num_neighbors=1, backend="torch", progress=False)
+    scorer.fit(support)
+    np.testing.assert_array_equal(scorer.bank, HAND_BANK[1:])  # the defect-type classifier reads raw rows
+    # (5, 0) is a rescaled bank vector: cosine distance 0, Euclidean √13 (to (3, 3)). (0, 1) vs (0, 2): 0 as well.
+    # (1, 1) / √2 is closest to (3, 3) / (3√2): identical direction, 0. (1, -1): 45° from (1, 0).
+    test = _as_features(np.array([[5.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=np.float32), 1, 4)
+    expected = torch.tensor([[[0.0, 0.0, 0.0, math.sqrt(2.0 - 2.0 * math.cos(math.pi / 4))]]])
+    torch.testing.assert_close(scorer.patch_scores(test), expected, atol=1e-6, rtol=0)
+    euclidean = MemoryBankScorer(coreset_ratio=None, num_neighbors=1, backend="torch", progress=False).fit(support)
+    assert float(euclidean.patch_scores(test)[0, 0, 0]) == pytest.approx(math.sqrt(13.0))
+    assert float(scorer.image_scores(test)[0]) == pytest.approx(float(expected.max()), abs=1e-6)
+
+
+def test_top_fraction_image_score_is_the_mean_of_the_largest_patch_scores() -> None:
+    support = torch.from_numpy(_random((2, 8, 5, 5), 21))
+    test = torch.from_numpy(_random((3, 8, 5, 5), 22))
+    scorer = MemoryBankScorer(coreset_ratio=None, image_score="top_fraction", top_fraction=0.1, backend="torch",
+                              progress=False).fit(support)
+    patch = scorer.patch_scores(test).reshape(3, -1)
+    expected = patch.sort(dim=1, descending=True).values[:, :2].mean(dim=1)  # round(0.1 · 25) = 2 patches
+    torch.testing.assert_close(scorer.image_scores(test), expected)
+    tiny = MemoryBankScorer(coreset_ratio=None, image_score="top_fraction", top_fraction=0.001, backend="torch",
+                            progress=False).fit(support)
+    torch.testing.assert_close(tiny.image_scores(test), patch.max(dim=1).values)  # at least one patch
+
+
+@pytest.mark.parametrize(
+    "options", [{"distance": "manhattan"}, {"image_score": "mean"}, {"top_fraction": 0.0}, {"top_fraction": 1.5}]
+)
+def test_invalid_scoring_options_raise(options: dict) -> None:
+    with pytest.raises(ValueError):
+        MemoryBankScorer(**options)
+
+
+def test_cosine_scorer_leave_out_and_save_load(tmp_path) -> None:
+    support = torch.from_numpy(_random((4, 8, 5, 5), 23))
+    queries = torch.from_numpy(_random((3, 8, 5, 5), 24))
+    options = dict(coreset_ratio=None, num_neighbors=3, distance="cosine", backend="torch", progress=False)
+    full = MemoryBankScorer(**options).fit(support)
+    fold, refit = full.leave_out_images(1, 3), MemoryBankScorer(**options).fit(support[[0, 3]])
+    torch.testing.assert_close(fold.patch_scores(queries), refit.patch_scores(queries))
+    torch.testing.assert_close(fold.image_scores(queries), refit.image_scores(queries))
+    # scaling a feature vector leaves its cosine score unchanged
+    torch.testing.assert_close(full.patch_scores(queries * 3.0), full.patch_scores(queries), atol=1e-5, rtol=0)
+    full.save(tmp_path)
+    loaded = MemoryBankScorer.load(tmp_path)
+    assert loaded.config() == full.config() and loaded.distance == "cosine"
+    assert torch.equal(loaded.patch_scores(queries), full.patch_scores(queries))
+    assert torch.equal(loaded.image_scores(queries), full.image_scores(queries))

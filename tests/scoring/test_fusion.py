@@ -243,3 +243,20 @@ def test_repeated_normal_rows_count_once_for_the_few_normals_rule():
     stats = ScoreStats.from_normals(np.zeros((41, 2, 2)), scores, labels == 0, normal_quantile=0.95)
     assert stats.normalise_scores(normals).max() == pytest.approx(1.0)
     assert stats.score_loc == pytest.approx(2.5)
+
+
+def test_the_heat_map_display_range_runs_from_the_normal_tail_to_typical_anomalous_pixels():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 6 + [1] * 6)
+    masks = np.zeros((12, 8, 8), np.uint8)
+    masks[6:, 2:5, 2:5] = 1
+    maps = rng.random((12, 8, 8)).astype(np.float32) * 0.1
+    maps[masks == 1] += 1.0
+    outputs = {"a": {"anomaly_map": maps, "pred_score": maps.reshape(12, -1).max(axis=1)}}
+    fusion = fit_fusion(outputs, labels, masks)
+    low, high = fusion.map_display_range()
+    fused = fusion.fuse(outputs)["anomaly_map"]
+    assert np.quantile(fused[masks == 0], 0.9) <= low < high <= fused[masks == 1].max()
+    assert Fusion.from_dict(fusion.to_dict()).map_display_range() == (low, high)
+    old = {"weights": {"a": 1.0}, "stats": {"a": {"map_min": 0.0, "map_max": 2.0, "score_min": 0.0, "score_max": 2.0}}}
+    assert Fusion.from_dict(old).map_display_range() == (0.0, 1.0)

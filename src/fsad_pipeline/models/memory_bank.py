@@ -3,8 +3,9 @@
 * :class:`NearestNeighbourIndex` — L2 k-nearest-neighbour search over a bank of vectors with
   faiss (flat, IVF for large banks, GPU when available) or an exact torch fallback.
 * :class:`MemoryBankScorer` — fits a (coreset-subsampled) bank on support patch features and
-  scores test patch features: patch score = distance to the nearest bank vector, image score =
-  PatchCore's re-weighted maximum (anomalib ``compute_anomaly_score``).
+  scores test patch features: patch score = distance (Euclidean, or cosine on L2-normalised
+  vectors) to the nearest bank vector, image score = PatchCore's re-weighted maximum (anomalib
+  ``compute_anomaly_score``) or the mean of the top fraction of patch scores.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
+DISTANCES = ("euclidean", "cosine")
+IMAGE_SCORES = ("reweighted", "top_fraction")
 FORMAT_VERSION = 1
 BANK_FILE = "bank.npy"
 INDEX_FILE = "index.faiss"
@@ -359,6 +362,16 @@ class MemoryBankScorer:
     ``s*`` (test feature ``m_test*``, nearest bank vector ``m*``), find the ``num_neighbors``
     nearest bank vectors of ``m*`` (``m*`` itself first), compute the distances ``d_j`` from
     ``m_test*`` to them and return ``(1 − softmax(d)[0]) · s*``; ``num_neighbors = 1`` gives ``s*``.
+    ``image_score="top_fraction"`` instead averages the ``top_fraction`` largest patch scores.
+
+    ``distance="cosine"`` searches L2-normalised copies of the bank and of the queries, so a
+    patch score is ``‖q/‖q‖ − b/‖b‖‖ = √(2 − 2·cos)`` (monotone in the cosine distance). The
+    raw bank and :attr:`index` stay as they are (the defect-type classifier takes residuals
+    against them); the normalised search index lives beside it, and the coreset is selected in
+    the normalised space. On the real data sets at k = 2 (lite0, full support augmentation,
+    coreset 0.1) the cosine bank ranked images 0.09-0.20 AUROC better than the Euclidean one on
+    tire, juice_bottle, metal_plate and textile, 0.03 worse on KolektorSDD (the study is
+    summarised in conf/base/parameters_memory_bank.yml).
     """
 
     name = "knn"
@@ -372,6 +385,9 @@ class MemoryBankScorer:
         ivf_threshold: int = 200_000,
         nprobe: int = 16,
         projection_dim: int | None = 128,
+        distance: str = "euclidean",
+        image_score: str = "reweighted",
+        top_fraction: float = 0.01,
         seed: int = 0,
         progress: bool = True,
         device: str = "cpu",
@@ -381,6 +397,10 @@ class MemoryBankScorer:
             coreset_ratio: fraction of the pooled support patches kept by k-center greedy
                 (anomalib 0.1, nehaejaz thesis 0.01); None or >= 1 keeps every patch.
             num_neighbors: bank neighbours of ``m*`` in the image-score re-weighting (anomalib 9).
+            distance: ``"euclidean"`` (PatchCore) or ``"cosine"`` (L2-normalised vectors).
+            image_score: ``"reweighted"`` (PatchCore) or ``"top_fraction"`` (mean of the
+                ``top_fraction`` largest patch scores, at least one).
+            top_fraction: share of an image's patches averaged by ``image_score="top_fraction"``.
             backend: kNN backend, ``"auto"``, ``"faiss"`` or ``"torch"``.
             ivf_threshold: banks larger than this use a faiss IVF index.
             nprobe: IVF cells visited per query.
@@ -391,6 +411,15 @@ class MemoryBankScorer:
         """
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
+        if not 0.0 < float(top_fraction) <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        self.distance = distance
+        self.image_score = image_score
+        self.top_fraction = float(top_fraction)
         self.coreset_ratio = None if coreset_ratio is None else float(coreset_ratio)
         self.num_neighbors = int(num_neighbors)
         self.backend = backend
@@ -401,6 +430,8 @@ class MemoryBankScorer:
         self.progress = bool(progress)
         self.device = device
         self.index: NearestNeighbourIndex | None = None
+        # distance="cosine": the same bank L2-normalised, the index every search goes to.
+        self._unit_index: NearestNeighbourIndex | None = None
         self.feature_dim: int | None = None
         self.grid_size: tuple[int, int] | None = None
         self.num_support_patches: int | None = None
@@ -419,6 +450,9 @@ class MemoryBankScorer:
             "ivf_threshold": self.ivf_threshold,
             "nprobe": self.nprobe,
             "projection_dim": self.projection_dim,
+            "distance": self.distance,
+            "image_score": self.image_score,
+            "top_fraction": self.top_fraction,
             "seed": self.seed,
             "progress": self.progress,
             "device": str(self.device),
@@ -447,6 +481,18 @@ class MemoryBankScorer:
             raise ValueError(f"expected (N, D, h, w) features, got shape {tuple(features.shape)}")
         return features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).cpu()
 
+    def _to_search_space(self, rows: Tensor) -> Tensor:
+        """(M, D) rows as the search index sees them (L2-normalised for the cosine distance)."""
+        return F.normalize(rows, dim=1) if self.distance == "cosine" else rows
+
+    def _set_bank_index(self, index: NearestNeighbourIndex) -> None:
+        """Keep ``index`` (raw vectors) and build the normalised search index it needs."""
+        self.index = index
+        self._unit_index = None
+        if self.distance == "cosine":
+            unit = self._to_search_space(torch.from_numpy(index.bank))
+            self._unit_index = NearestNeighbourIndex(**self._new_index()).build(unit)
+
     def fit(self, features: Tensor) -> MemoryBankScorer:
         """Build the bank from support patch features (N, D, h, w) and return ``self``."""
         patches = self._flatten(features)
@@ -455,8 +501,8 @@ class MemoryBankScorer:
         self.num_support_patches = int(patches.shape[0])
         selected = torch.arange(patches.shape[0])
         if self.coreset_ratio is not None and self.coreset_ratio < 1.0:
-            selected = kcenter_greedy(
-                patches,
+            selected = kcenter_greedy(  # in the space the bank is searched in
+                self._to_search_space(patches),
                 self.coreset_ratio,
                 projection_dim=self.projection_dim,
                 seed=self.seed,
@@ -465,7 +511,7 @@ class MemoryBankScorer:
             )
             patches = patches[selected]
         self.source_rows = selected.cpu().numpy().astype(np.int64)
-        self.index = NearestNeighbourIndex(**self._new_index()).build(patches)
+        self._set_bank_index(NearestNeighbourIndex(**self._new_index()).build(patches))
         logger.info(
             "memory bank: %d of %d support patches (%s)",
             self.index.size,
@@ -500,36 +546,47 @@ class MemoryBankScorer:
         # Rows renumbered as if the left-out images had never been there.
         rows = self.source_rows[keep]
         fold.source_rows = np.where(rows >= stop * per_image, rows - (stop - first) * per_image, rows)
-        fold.index = NearestNeighbourIndex(**fold._new_index()).build(self.index.bank[keep])
+        fold._set_bank_index(NearestNeighbourIndex(**fold._new_index()).build(self.index.bank[keep]))
         return fold
 
     def _require_fitted(self, features: Tensor) -> NearestNeighbourIndex:
+        """The index searches go to (the normalised one for the cosine distance)."""
         if self.index is None:
             raise RuntimeError("the scorer is not fitted")
         if features.dim() != 4 or features.shape[1] != self.feature_dim:
             raise ValueError(
                 f"expected (N, {self.feature_dim}, h, w) features, got {tuple(features.shape)}"
             )
+        if self.distance == "cosine":
+            if self._unit_index is None:
+                self._set_bank_index(self.index)
+            assert self._unit_index is not None
+            return self._unit_index
         return self.index
 
     def patch_scores(self, features: Tensor) -> Tensor:
-        """L2 distance of every patch to its nearest bank vector, (N, h, w) float32 CPU."""
+        """Distance of every patch to its nearest bank vector, (N, h, w) float32 CPU."""
         index = self._require_fitted(features)
         count, _, height, width = features.shape
-        distances, _ = index.search(self._flatten(features), k=1)
+        distances, _ = index.search(self._to_search_space(self._flatten(features)), k=1)
         return distances[:, 0].reshape(count, height, width)
 
     def image_scores(self, features: Tensor, patch_scores: Tensor | None = None) -> Tensor:
-        """PatchCore re-weighted image scores (N,) (see the class docstring)."""
+        """Image scores (N,): re-weighted maximum or top-fraction mean (see the class docstring)."""
         index = self._require_fitted(features)
         if patch_scores is None:
             patch_scores = self.patch_scores(features)
         count = features.shape[0]
         flat_scores = patch_scores.reshape(count, -1).float().cpu()
+        if self.image_score == "top_fraction":
+            top = max(1, int(round(self.top_fraction * flat_scores.shape[1])))
+            return flat_scores.topk(top, dim=1).values.mean(dim=1)
         max_scores, max_positions = flat_scores.max(dim=1)
         if self.num_neighbors == 1:
             return max_scores
         patches = features.detach().float().flatten(2).cpu()  # (N, D, h·w)
+        if self.distance == "cosine":
+            patches = F.normalize(patches, dim=1)
         max_features = patches[torch.arange(count), :, max_positions]  # m_test*, (N, D)
         _, nearest = index.search(max_features, k=1)  # m* = bank[nearest]
         bank = torch.from_numpy(index.bank)
@@ -585,7 +642,7 @@ class MemoryBankScorer:
         # model trained beside faiss-gpu, loaded on a CPU, searches with torch instead).
         index = NearestNeighbourIndex(**scorer._new_index())
         if index_path.exists() and index.uses_faiss(len(bank)):
-            scorer.index = NearestNeighbourIndex.load(index_path, bank=bank, **scorer._new_index())
+            scorer._set_bank_index(NearestNeighbourIndex.load(index_path, bank=bank, **scorer._new_index()))
         else:
-            scorer.index = index.build(bank)
+            scorer._set_bank_index(index.build(bank))
         return scorer

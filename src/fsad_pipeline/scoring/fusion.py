@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 _ZERO_SPREAD = 1e-12  # a spread at or below this is treated as "constant scorer"
 _DISTINCT_CHECK_LIMIT = 100_000  # more values than this (pixels) are never too few for a quantile
+#: The heat-map colour scale runs from this quantile of the fused map over normal validation
+#: pixels (cold below) to this quantile over anomalous ones (hot above).
+DISPLAY_NORMAL_QUANTILE, DISPLAY_ANOMALY_QUANTILE = 0.99, 0.9
 _MAX_SUBSET_SCORERS = 8  # equal-weight subsets are enumerated up to this many scorers (2^8 - 1 candidates)
 
 
@@ -165,6 +168,16 @@ class Fusion:
     def weights(self) -> dict[str, float]:
         """The image-score weights (the single weight set of earlier records)."""
         return self.score_weights
+
+    def map_display_range(self) -> tuple[float, float]:
+        """``(vmin, vmax)`` for heat maps of the fused map: the same colours mean the same in every image.
+
+        From validation (normal high tail to typical anomalous pixel) when recorded; (0, 1) for
+        records of the earlier min-max scheme, where the validation range was [0, 1]."""
+        recorded = self.validation.get("map_display_range")
+        if recorded and recorded[1] > recorded[0]:
+            return float(recorded[0]), float(recorded[1])
+        return 0.0, 1.0
 
     def fuse(self, outputs: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """``outputs[name] = {"anomaly_map", "pred_score"}`` → fused ``anomaly_map`` and ``pred_score``.
@@ -451,6 +464,13 @@ def fit_fusion(
         "image_auroc": _finite(rank_auroc(labels, fused_scores)),
         "pixel_auroc": _finite(rank_auroc(pixel_labels, fused_pixels)) if has_pixels else None,
     }
+    if fused_pixels.size:
+        # Heat-map colour scale: from the normals' high tail to the typical anomalous pixel.
+        anomalous = fused_pixels[pixel_labels] if pixel_labels.any() else fused_pixels
+        validation["map_display_range"] = [
+            float(np.quantile(fused_pixels[~pixel_labels], DISPLAY_NORMAL_QUANTILE)) if (~pixel_labels).any() else 0.0,
+            float(np.quantile(anomalous, DISPLAY_ANOMALY_QUANTILE)),
+        ]
     if families is not None:
         validation["per_family"] = _per_family(labels, families, {**dict(zip(names, scores)), "fused": fused_scores})
     return fusion

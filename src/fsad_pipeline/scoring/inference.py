@@ -177,6 +177,7 @@ def inspect_images(
     _check_output_dir(output_dir)
     ensemble = bundle.ensemble()
     names = list(bundle.fusion.scorers)
+    display_range = bundle.fusion.map_display_range()  # the same colours in every overlay
     rows: list[pd.DataFrame] = []
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
@@ -214,6 +215,7 @@ def inspect_images(
                         caption += f" {defect['pred_defect_type'][row]}"
                     image = heatmap_overlay_image(
                         chunk.images[row], chunk.fused["anomaly_map"][row], alpha=float(overlay_alpha),
+                        **dict(zip(("vmin", "vmax"), display_range)),
                         size=_overlay_size(chunk.original_sizes[row], overlay_max_side), caption=caption,
                     )
                     write_png(staging / relative, image)

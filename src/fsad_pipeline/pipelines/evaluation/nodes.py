@@ -19,6 +19,7 @@ from fsad_pipeline.evaluation.figures import (
 from fsad_pipeline.evaluation.html_report import render_html_report
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.fusion import Fusion
 from fsad_pipeline.scoring.fusion import fusion_summary
 from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS
 
@@ -113,8 +114,7 @@ def plot_results(
         gt_masks=masks if (rows["mask_path"] != "").any() else None,
         titles=titles,
         n_max=n,
-        vmin=0.0,
-        vmax=max(1.0, float(np.max(scores))),
+        **dict(zip(("vmin", "vmax"), Fusion.from_dict(fusion).map_display_range())),
         per_row=int(evaluation["overlays_per_row"]),
     )
     return figures["ROC curve"], figures["Precision-recall curve"], figures["Score histogram"], overlays
@@ -173,6 +173,7 @@ def write_html_report(
         metrics=metrics,
         figures=figures,
         title=report["title"],
+        map_range=Fusion.from_dict(fusion).map_display_range(),
         thumbnail_size=int(report["thumbnail_size"]),
         jpeg_quality=int(report["jpeg_quality"]),
     )
