@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from fsad_pipeline.console import EXIT_MODEL, EXIT_NO_IMAGES, EXIT_OK, EXIT_USAGE, inspect_main
-from fsad_pipeline.scoring.model_bundle import export_bundle
-from fsad_pipeline.scoring.model_store import ModelStore
+from fsad_pipeline.model_store.bundle import export_bundle
+from fsad_pipeline.model_store.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -56,6 +56,18 @@ def write_json(path: str | Path, payload: Any) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy of nested dicts/lists: NaN and infinities (an undefined AUROC, a loss
+    before training) become null, which strict JSON readers accept."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

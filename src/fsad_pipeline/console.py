@@ -5,7 +5,7 @@
 
 ``fsad-inspect <folder or files...> [--model DIR] [--out DIR] [--threshold X] [--batch-size N]``
 scores new images with the promoted model through the same function as the ``inference``
-pipeline (:func:`fsad_pipeline.scoring.inference.run_inspection`).
+pipeline (:func:`fsad_pipeline.inspection.inspector.run_inspection`).
 
 Inside a project folder (one with ``conf/base``; ``--project`` names another) the defaults come
 from its ``inference`` parameters, and the model must match its ``backbone``, ``image_size`` and
@@ -105,8 +105,8 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     device = args.device or (params or {}).get("device") or "auto"
     max_pixels = int(((params or {}).get("data") or {}).get("max_pixels") or 0) or None
 
-    from fsad_pipeline.scoring.inference import NoImagesError, run_inspection
-    from fsad_pipeline.scoring.model_bundle import BundleError
+    from fsad_pipeline.inspection.inspector import NoImagesError, run_inspection
+    from fsad_pipeline.model_store.bundle import BundleError
 
     options: dict[str, Any] = {
         "threshold": threshold,
@@ -165,9 +165,9 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from fsad_pipeline.model_store.champion_challenger import RetrainBusy
+    from fsad_pipeline.model_store.store import StoreError
     from fsad_pipeline.retrain import OUTCOME_EXIT, retrain, rollback
-    from fsad_pipeline.scoring.champion_challenger import RetrainBusy
-    from fsad_pipeline.scoring.model_store import StoreError
 
     if args.rollback:
         try:

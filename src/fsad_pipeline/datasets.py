@@ -92,7 +92,7 @@ class DefectTypeClassifiersDataset(_ModelDirectoryDataset):
     marker = "defect_types.json"
 
     def load(self):
-        from fsad_pipeline.scoring.defect_types import DefectTypeClassifiers
+        from fsad_pipeline.classification.defect_types import DefectTypeClassifiers
 
         return DefectTypeClassifiers.load(self._filepath)
 

@@ -7,7 +7,7 @@
    unchanged → "nothing to do" (exit 0), unless ``force``;
 3. ``dvc repro`` (only the stages whose inputs changed run);
 4. bundle the run's artifacts as the challenger, score champion and challenger on the store's
-   frozen validation set (:mod:`fsad_pipeline.scoring.champion_challenger`);
+   frozen validation set (:mod:`fsad_pipeline.model_store.champion_challenger`);
 5. promote the challenger only if it is not worse (atomic symlink swap in the model store, the
    previous champion kept under its version; ``fsad-retrain --rollback`` undoes it);
 6. write a JSON decision record either way (``<store>/decisions/``), also when a step crashed —
@@ -78,8 +78,8 @@ def _export_challenger(project: Path, params: dict, target: Path, fingerprint: s
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from fsad_pipeline.scoring.defect_types import bundle_component
-    from fsad_pipeline.scoring.model_bundle import export_bundle
+    from fsad_pipeline.classification.defect_types import bundle_component
+    from fsad_pipeline.model_store.bundle import export_bundle
 
     bootstrap_project(project)
     with KedroSession.create(project_path=project) as session:
@@ -118,14 +118,14 @@ def retrain(
     repro_command: list[str] | None = None,
 ) -> dict:
     """One retraining attempt; returns the decision record (also written unless nothing was to do)."""
-    from fsad_pipeline.scoring.champion_challenger import (
+    from fsad_pipeline.model_store.bundle import read_manifest
+    from fsad_pipeline.model_store.champion_challenger import (
         bundle_validation_auroc,
         decide,
         frozen_validation,
         retrain_lock,
     )
-    from fsad_pipeline.scoring.model_bundle import read_manifest
-    from fsad_pipeline.scoring.model_store import ModelStore
+    from fsad_pipeline.model_store.store import ModelStore
 
     project = Path(project).resolve()
     params = _parameters(project)
@@ -182,7 +182,7 @@ def _summary(record: dict) -> dict:
 
 def rollback(project: str | Path, *, to: str | None = None) -> dict:
     """Make the previous (or the named) version the champion again."""
-    from fsad_pipeline.scoring.model_store import ModelStore
+    from fsad_pipeline.model_store.store import ModelStore
 
     project = Path(project).resolve()
     params = _parameters(project)

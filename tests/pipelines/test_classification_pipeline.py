@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fsad_pipeline.classification.defect_types import METHODS, load_defect_classifier
 from fsad_pipeline.data.sampling import load_images
-from fsad_pipeline.scoring.defect_types import METHODS, load_defect_classifier
 
 pytestmark = pytest.mark.slow
 

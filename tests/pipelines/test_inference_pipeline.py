@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from fsad_pipeline.console import EXIT_MODEL, EXIT_OK, inspect_main
-from fsad_pipeline.scoring.model_bundle import BundleMismatchError
-from fsad_pipeline.scoring.model_store import ModelStore, StoreError
+from fsad_pipeline.model_store.bundle import BundleMismatchError
+from fsad_pipeline.model_store.store import ModelStore, StoreError
 
 pytestmark = pytest.mark.slow
 

@@ -260,3 +260,19 @@ def test_the_heat_map_display_range_runs_from_the_normal_tail_to_typical_anomalo
     assert Fusion.from_dict(fusion.to_dict()).map_display_range() == (low, high)
     old = {"weights": {"a": 1.0}, "stats": {"a": {"map_min": 0.0, "map_max": 2.0, "score_min": 0.0, "score_max": 2.0}}}
     assert Fusion.from_dict(old).map_display_range() == (0.0, 1.0)
+
+
+def test_a_scorer_with_in_sample_validation_normals_is_never_chosen_alone():
+    # "fit" looks perfect on validation (its normals are in-sample), "held" slightly less so:
+    # without the guard the fusion rests on "fit" alone; with it, "held" always takes part.
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 20 + [1] * 20)
+    fit = np.r_[rng.normal(0, 0.1, 20), rng.normal(3, 0.1, 20)]
+    held = np.r_[rng.normal(0, 1, 20), rng.normal(2, 1, 20)]
+    maps = np.zeros((40, 4, 4), np.float32)
+    outputs = {"fit": {"anomaly_map": maps, "pred_score": fit}, "held": {"anomaly_map": maps, "pred_score": held}}
+    assert fit_fusion(outputs, labels).score_weights == {"fit": 1.0, "held": 0.0}
+    guarded = fit_fusion(outputs, labels, in_sample=["fit"]).score_weights
+    assert guarded["held"] > 0
+    # With only in-sample scorers there is nothing to guard against.
+    assert fit_fusion(outputs, labels, in_sample=["fit", "held"]).score_weights == {"fit": 1.0, "held": 0.0}

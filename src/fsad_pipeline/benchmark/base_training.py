@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fsad_pipeline.artifacts import json_safe
 from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters
 from fsad_pipeline.data.base_data import leave_one_out_split
 from fsad_pipeline.data.layouts import discover
@@ -88,19 +89,9 @@ def train_leave_one_out(
     trained, history = train_registration_encoder(
         images, encoder_config, config, TextureBank.from_parameters(params["synthesis"]["textures"]), name=name
     )
-    trained.training.update({"target": target, "history": _finite(history)})
+    trained.training.update({"target": target, "history": json_safe(history)})
     trained.save(directory)
     return reference, trained.training
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def evaluate_target(
@@ -250,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"selected epoch {info['selected_epoch']}", flush=True)
             backbones = {"plain": params["backbone"], "registered": reference}
             payload = {"training": info, "rows": evaluate_target(target, sources[target], backbones, params, args.ks, args.rounds)}
-            cached.write_text(json.dumps(_finite(payload), indent=2))
+            cached.write_text(json.dumps(json_safe(payload), indent=2))
         rows += payload["rows"]
         training[target] = payload["training"]
         table = markdown(rows, training)
         (args.out / "results.md").write_text(table)
-        (args.out / "results.json").write_text(json.dumps(_finite({"params": args.overrides, "rows": rows, "training": training}), indent=2))
+        (args.out / "results.json").write_text(json.dumps(json_safe({"params": args.overrides, "rows": rows, "training": training}), indent=2))
     print(markdown(rows, training))
     return 0
 

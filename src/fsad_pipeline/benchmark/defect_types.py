@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 
 from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters
+from fsad_pipeline.classification.defect_types import CLASSIFIER, METHODS, DefectTypeConfig, fit_on_shots, pretrain_residual_encoder
 from fsad_pipeline.data.layouts import discover
 from fsad_pipeline.data.sampling import load_images, select_defect_shots, select_support
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.defect_classifier import PooledEmbedder, PrototypeClassifier, residual_features
 from fsad_pipeline.models.features import extract_features
 from fsad_pipeline.models.memory_bank import MemoryBankScorer
-from fsad_pipeline.scoring.defect_types import CLASSIFIER, METHODS, DefectTypeConfig, fit_on_shots, pretrain_residual_encoder
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, augment_support
 from fsad_pipeline.synthesis.textures import TextureBank

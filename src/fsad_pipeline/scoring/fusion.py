@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,6 +386,7 @@ def fit_fusion(
     normal_quantile: float = 0.95,
     normal_pixel_quantile: float = 0.99,
     max_pixels: int = 200_000,
+    in_sample: Sequence[str] = (),
 ) -> Fusion:
     """Normalisation per scorer plus separate score and map weights, all from validation outputs.
 
@@ -393,6 +394,10 @@ def fit_fusion(
     validation images; ``labels`` (N,), optional ``masks`` (N, H, W) and ``mask_known`` (N,)
     (False: a labelled defect without ground truth, left out of the pixel objective) and
     ``families`` (N,) (the pseudo-anomaly family of each row, for the per-family report).
+    ``in_sample`` names the scorers whose validation normals are in-sample (fitted on the very
+    support images, e.g. DFD): their validation AUROC is optimistic, so no candidate may rest on
+    them alone; every candidate gives weight to at least one scorer with held-out normals (when
+    there is one).
     """
     names = list(validation_outputs)
     if not names:
@@ -446,6 +451,11 @@ def fit_fusion(
         fusion = Fusion(stats, dict(equal), dict(equal), {"scores": record, "maps": dict(record)}, validation)
     else:
         vectors, monte_carlo = candidate_weights(len(names), int(n_trials), int(seed))
+        held_out = [i for i, n in enumerate(names) if n not in set(in_sample)]
+        if held_out and len(held_out) < len(names):
+            # A validation whose normals a scorer was fitted on cannot certify that scorer alone.
+            keep = (vectors[:, held_out] > 0).any(axis=1)
+            vectors, monte_carlo = vectors[keep], monte_carlo[keep]
         score_weights, score_record = _search(
             names, scores, labels.astype(bool), vectors, monte_carlo, float(min_gain), "score"
         )
@@ -507,6 +517,7 @@ def fusion_summary(fusion: Mapping) -> dict:
         "map_selection": (search.get("maps") or {}).get("reason"),
         "images": recorded.get("validation_images"),
         "anomalous": recorded.get("validation_anomalous"),
+        "held_out_normals": recorded.get("held_out_normals"),
     }
     if "per_family" in recorded:
         validation["per_family"] = recorded["per_family"]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from fsad_pipeline.artifacts import json_safe
 from fsad_pipeline.data.base_data import leave_one_out_split
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import training_history_figure
@@ -53,17 +54,6 @@ def train_base_encoder(
         "target": base_split["target"],
         "minutes": trained.training["seconds"] / 60.0,
         "selected_epoch": trained.training["selected_epoch"],
-        "history": _finite(history),
+        "history": json_safe(history),
     }
     return trained, summary, training_history_figure(history)
-
-
-def _finite(value):
-    """JSON-safe copy: NaN (an undefined AUROC, the loss before training) becomes null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

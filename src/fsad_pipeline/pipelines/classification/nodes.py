@@ -1,4 +1,4 @@
-"""Thin nodes over ``fsad_pipeline.scoring.defect_types``."""
+"""Thin nodes over ``fsad_pipeline.classification.defect_types``."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fsad_pipeline.classification.defect_types import (
+    CLASSIFIER,
+    DefectTypeClassifiers,
+    DefectTypeConfig,
+    fit_defect_type_classifiers,
+)
 from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.defect_classifier import UNKNOWN
 from fsad_pipeline.models.features import select_device
-from fsad_pipeline.scoring.defect_types import (
-    CLASSIFIER,
-    DefectTypeClassifiers,
-    DefectTypeConfig,
-    fit_defect_type_classifiers,
-)
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 from fsad_pipeline.synthesis.textures import TextureBank
 

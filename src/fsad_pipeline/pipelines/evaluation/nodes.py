@@ -18,10 +18,10 @@ from fsad_pipeline.evaluation.figures import (
 )
 from fsad_pipeline.evaluation.html_report import render_html_report
 from fsad_pipeline.evaluation.report import curve_points, evaluate_predictions
+from fsad_pipeline.model_store.bundle import CLASSIFIER_COLUMNS
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.fusion import Fusion
 from fsad_pipeline.scoring.fusion import fusion_summary
-from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS
 
 
 def _scorer_predictions(predictions: pd.DataFrame, name: str) -> pd.DataFrame:

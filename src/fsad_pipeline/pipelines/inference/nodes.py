@@ -1,8 +1,8 @@
-"""Thin node over ``fsad_pipeline.scoring.inference`` (the same call as ``fsad-inspect``)."""
+"""Thin node over ``fsad_pipeline.inspection.inspector`` (the same call as ``fsad-inspect``)."""
 
 from __future__ import annotations
 
-from fsad_pipeline.scoring.inference import run_inspection
+from fsad_pipeline.inspection.inspector import run_inspection
 
 
 def inspect_new_images(

@@ -1,14 +1,14 @@
-"""Thin node over ``fsad_pipeline.scoring.model_store``: promote the current run's model."""
+"""Thin node over ``fsad_pipeline.model_store.store``: promote the current run's model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from fsad_pipeline.classification.defect_types import DefectTypeClassifiers, bundle_component
 from fsad_pipeline.data.manifest import manifest_fingerprint
-from fsad_pipeline.scoring.defect_types import DefectTypeClassifiers, bundle_component
+from fsad_pipeline.model_store.store import ModelStore, export_and_promote
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
-from fsad_pipeline.scoring.model_store import ModelStore, export_and_promote
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 
 

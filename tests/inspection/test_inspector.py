@@ -8,8 +8,8 @@ import pytest
 
 from fsad_pipeline.data.geometry import fit_to_size
 from fsad_pipeline.data.images import read_image
-from fsad_pipeline.scoring.inference import NoImagesError, collect_image_paths, inspect_images, run_inspection
-from fsad_pipeline.scoring.model_bundle import BundleMismatchError, export_bundle, load_bundle
+from fsad_pipeline.inspection.inspector import NoImagesError, collect_image_paths, inspect_images, run_inspection
+from fsad_pipeline.model_store.bundle import BundleMismatchError, export_bundle, load_bundle
 
 
 @pytest.fixture(scope="module")

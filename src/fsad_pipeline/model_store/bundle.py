@@ -6,8 +6,8 @@ A bundle is what gets promoted, rolled back and shipped to the line::
       bundle.json            manifest: format and config version, backbone, image size, feature
                              configs, scorers, threshold, metrics snapshot, data fingerprint,
                              and the size + SHA-256 of every file below
-      dfd/                   the DFD scorer (safetensors + JSON, see dfd_scorer.py)
-      patch_scorers/         the patch-feature scorers (see patch_scorers.py), when fused
+      dfd/                   the DFD scorer (safetensors + JSON, see scoring/dfd_scorer.py)
+      patch_scorers/         the patch-feature scorers (see scoring/patch_scorers.py), when fused
       fusion.json            per-scorer normalisation, fusion weights, calibrated threshold
       support_images.npy     the k support images (WinCLIP's few-shot references)
       classifier/            optional: the defect-type classifier
@@ -51,7 +51,9 @@ EXPECTATION_KEYS = ("backbone", "image_size", "config_version")
 
 #: The defect-type classifier plugs in here: ``load_defect_classifier(directory)`` in this module
 #: must return an object satisfying :class:`DefectTypePredictor`.
-CLASSIFIER_MODULE = "fsad_pipeline.scoring.defect_types"
+#: A code constant, never written into bundle.json (the manifest names the ``classifier`` folder only),
+#: so saved bundles load whichever module path this names: moving the module needs no old-path mapping.
+CLASSIFIER_MODULE = "fsad_pipeline.classification.defect_types"
 CLASSIFIER_LOADER = "load_defect_classifier"
 CLASSIFIER_COLUMNS = ("pred_defect_type", "pred_defect_probability", "runner_up_defect_type")
 
@@ -317,7 +319,7 @@ class ModelBundle:
     @property
     def promotion(self) -> dict | None:
         """The model store's promotion record, when the bundle was loaded from the store."""
-        from fsad_pipeline.scoring.model_store import PROMOTION_FILE
+        from fsad_pipeline.model_store.store import PROMOTION_FILE
 
         path = self.root / PROMOTION_FILE
         return read_json(path) if path.is_file() else None

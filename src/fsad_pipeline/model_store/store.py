@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fsad_pipeline.artifacts import read_json, write_json
-from fsad_pipeline.scoring.model_bundle import verify_bundle
+from fsad_pipeline.model_store.bundle import verify_bundle
 
 PROMOTION_FILE = "promotion.json"
 CHAMPION_LINK = "champion"
@@ -314,7 +314,7 @@ def export_and_promote(
     """
     import tempfile
 
-    from fsad_pipeline.scoring.model_bundle import export_bundle
+    from fsad_pipeline.model_store.bundle import export_bundle
 
     if not replace_champion:
         current = store.current()

@@ -29,8 +29,8 @@ import numpy as np
 
 from fsad_pipeline.artifacts import load_sample_set, save_sample_set
 from fsad_pipeline.evaluation.metrics import image_auroc
+from fsad_pipeline.model_store.bundle import load_bundle
 from fsad_pipeline.scoring.ensemble import score_in_chunks
-from fsad_pipeline.scoring.model_bundle import load_bundle
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 FROZEN_VALIDATION_DIR = "frozen_validation"

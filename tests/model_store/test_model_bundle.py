@@ -5,9 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fsad_pipeline.scoring.ensemble import assemble
-from fsad_pipeline.scoring.fusion import Fusion
-from fsad_pipeline.scoring.model_bundle import (
+from fsad_pipeline.model_store.bundle import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_FILE,
     BundleError,
@@ -16,7 +14,9 @@ from fsad_pipeline.scoring.model_bundle import (
     load_bundle,
     verify_bundle,
 )
-from fsad_pipeline.scoring.model_store import ModelStore, StoreError, export_and_promote
+from fsad_pipeline.model_store.store import ModelStore, StoreError, export_and_promote
+from fsad_pipeline.scoring.ensemble import assemble
+from fsad_pipeline.scoring.fusion import Fusion
 
 
 def _export(parts, target, **overrides):
@@ -108,7 +108,7 @@ def test_export_refuses_a_fusion_it_cannot_serve_and_writes_nothing(tmp_path, ti
 
 
 class _Classifier:
-    """A stand-in with the classifier contract (the real one: scoring/defect_types.py DefectTypeClassifiers)."""
+    """A stand-in with the classifier contract (the real one: classification/defect_types.py DefectTypeClassifiers)."""
 
     def __init__(self, types=("scratch", "spot")):
         self.types = list(types)

@@ -30,8 +30,8 @@ from fsad_pipeline.artifacts import atomic_directory, write_json, write_png
 from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, is_image_file
 from fsad_pipeline.data.layouts import ANNOTATION_FOLDERS
 from fsad_pipeline.evaluation.figures import heatmap_overlay_image
+from fsad_pipeline.model_store.bundle import CLASSIFIER_COLUMNS, ModelBundle
 from fsad_pipeline.scoring.batch import ScoredChunk, iter_scored_chunks
-from fsad_pipeline.scoring.model_bundle import CLASSIFIER_COLUMNS, ModelBundle
 
 PREDICTIONS_FILE = "predictions.csv"
 REJECTS_FILE = "rejects.csv"
@@ -273,7 +273,7 @@ def run_inspection(
     The one entry point of the ``inference`` pipeline and ``fsad-inspect``; ``options`` go to
     :func:`inspect_images`. Input problems are found before the (slow) model load.
     """
-    from fsad_pipeline.scoring.model_bundle import load_bundle, verify_bundle
+    from fsad_pipeline.model_store.bundle import load_bundle, verify_bundle
 
     if not collect_image_paths(inputs, recursive=options.get("recursive", True), exclude=output_dir)[0]:
         raise _no_image_files(inputs)

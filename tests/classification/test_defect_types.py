@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import yaml
 
+from fsad_pipeline.classification.defect_types import METHODS, DefectTypeConfig, fit_defect_type_classifiers, load_defect_classifier
 from fsad_pipeline.evaluation.figures import confusion_matrix_figure
 from fsad_pipeline.evaluation.metrics import defect_type_accuracy
 from fsad_pipeline.models.features import extract_features
 from fsad_pipeline.models.memory_bank import MemoryBankScorer
-from fsad_pipeline.scoring.defect_types import METHODS, DefectTypeConfig, fit_defect_type_classifiers, load_defect_classifier
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
 from fsad_pipeline.synthesis.textures import KIND_PROCEDURAL, PROCEDURAL_GENERATORS, TextureBank, TextureSource
 
