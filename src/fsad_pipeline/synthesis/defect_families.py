@@ -342,15 +342,23 @@ def cutpaste(
     return _finish(image, warped, region, fg)
 
 
+def _random_ellipse(
+    image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, axis_fraction: tuple[float, float]
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A randomly oriented ellipse centred in the foreground, its semi-axes ``axis_fraction`` of
+    the short side: the filled uint8 mask and the axes (draws: axes, centre, angle)."""
+    axes = tuple(rng.uniform(*axis_fraction) * _short_side(image) for _ in range(2))
+    centre = _foreground_point(fg, rng)
+    return _ellipse(image.shape[:2], centre, axes, rng.uniform(0.0, 180.0)), axes
+
+
 def blotch(
     image: np.ndarray, foreground: np.ndarray | None, rng: np.random.Generator, params: BlotchParams
 ) -> Result:
     """A smooth brightness / colour stain; the mask is where the change exceeds the threshold."""
     image, fg = _check_inputs(image, foreground)
-    short = _short_side(image)
-    axes = tuple(rng.uniform(*params.axis_fraction) * short for _ in range(2))
-    centre = _foreground_point(fg, rng)
-    solid = _ellipse(image.shape[:2], centre, axes, rng.uniform(0.0, 180.0)).astype(np.float32)
+    solid, axes = _random_ellipse(image, fg, rng, params.axis_fraction)
+    solid = solid.astype(np.float32)
     sigma = params.softness * float(np.mean(axes))
     weight = cv2.GaussianBlur(solid, (0, 0), sigma) if sigma > 0 else solid
     weight /= float(weight.max()) or 1.0
@@ -372,8 +380,7 @@ def missing(
     """A hole or a missing piece: an ellipse of the object filled with what lies behind it."""
     image, fg = _check_inputs(image, foreground)
     short = _short_side(image)
-    axes = tuple(rng.uniform(*params.axis_fraction) * short for _ in range(2))
-    region = _ellipse(image.shape[:2], _foreground_point(fg, rng), axes, rng.uniform(0.0, 180.0))
+    region, _ = _random_ellipse(image, fg, rng, params.axis_fraction)
     if fg.all():
         fill = cv2.GaussianBlur(image, (0, 0), params.blur_fraction * short)
     else:
