@@ -1,6 +1,6 @@
 """Kedro project settings (defaults, plus the environments live under conf/)."""
 
-from fsad_pipeline.hooks import FleetHooks
+from fsad_pipeline.hooks import FleetHooks, NodeTimingHooks, TorchThreadsHooks
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -8,4 +8,6 @@ CONFIG_LOADER_ARGS = {
 }
 
 #: FleetHooks: the fleet pipeline is built from the run's parameters (see hooks.py).
-HOOKS = (FleetHooks(),)
+#: NodeTimingHooks: seconds and RSS per node -> data/08_reporting/node_timings.json (FSAD_NODE_TIMINGS=0: off).
+#: TorchThreadsHooks: torch's CPU threads from the ``threads`` parameter (auto: affinity and cgroup quota).
+HOOKS = (FleetHooks(), NodeTimingHooks(), TorchThreadsHooks())

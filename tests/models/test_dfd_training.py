@@ -231,3 +231,23 @@ def test_without_patience_every_meta_epoch_runs() -> None:
     assert len(result.history) == 3 and result.best_meta_epoch == 0
     with pytest.raises(ValueError, match="patience"):
         _config(patience=0)
+
+
+def test_gaussian_token_fraction_feeds_a_random_subset_of_tokens() -> None:
+    torch.manual_seed(0)
+    config = _config(gaussian_token_fraction=0.25)
+    model = DFDModel(DIM, GRID, config.model_config()).train()
+    batch = _make_split(4, 0)
+    seen: list[int] = []
+    hook = model.gaussian.register_forward_hook(lambda _m, args, _out: seen.append(int(args[0].shape[0])))
+    batch_loss(model, batch, config, torch.Generator().manual_seed(0))
+    hook.remove()
+    tokens = 4 * GRID[0] * GRID[1]  # per path: real + noisy copies of a quarter of the tokens
+    assert seen == [2 * round(0.25 * tokens)] * 2
+    with pytest.raises(ValueError, match="gaussian_token_fraction"):
+        _config(gaussian_token_fraction=0.0)
+    # The full fraction is the reference loss, unchanged.
+    full = _config()
+    loss_a, _ = batch_loss(model, batch, full, torch.Generator().manual_seed(3))
+    loss_b, _ = batch_loss(model, batch, _config(gaussian_token_fraction=1.0), torch.Generator().manual_seed(3))
+    assert torch.equal(loss_a, loss_b)

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_dfd_chain_end_to_end(tiny_project):
     tiny_project.run("dfd")
+    timings = json.loads(tiny_project.path("data/08_reporting/node_timings.json").read_text())  # NodeTimingHooks
+    assert timings["pipeline"] == "dfd" and len(timings["nodes"]) > 10 and timings["total_seconds"] > 0
     metrics = json.loads(tiny_project.path("data/08_reporting/metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "k_shot", "seed", "backbone",
                 "train_seconds", "score_images_per_second"):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from fsad_pipeline.scoring.dfd_scorer import FeatureConfig
@@ -72,3 +73,17 @@ def test_defect_views_are_scored_leave_one_shot_out():
         outputs["knn"]["pred_score"][0], score_patch_features(fitted.scorers, feats, 64, 4.0)["knn"]["pred_score"][0],
         rtol=1e-5,
     )
+
+
+def test_anomalous_bank_measures_normal_distance_against_the_knn_coreset():
+    support = _images(3, 7)
+    defects = _images(1, 8)
+    coreset, _ = fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **OPTIONS)
+    bank = coreset.scorers["anomalous_bank"].normal_bank
+    np.testing.assert_array_equal(bank.numpy(), coreset.scorers["knn"].bank)  # 50 % of the patches
+    every = {**OPTIONS, "anomalous_bank": {**OPTIONS["anomalous_bank"], "normal_bank": "all"}}
+    full, _ = fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **every)
+    assert full.scorers["anomalous_bank"].normal_bank.shape[0] == 2 * bank.shape[0]
+    wrong = {**OPTIONS, "anomalous_bank": {**OPTIONS["anomalous_bank"], "normal_bank": "half"}}
+    with pytest.raises(ValueError, match="normal_bank"):
+        fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **wrong)

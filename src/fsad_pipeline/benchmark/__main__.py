@@ -19,6 +19,13 @@ under ``--shared-data``) and the plain patch-kNN reference on each run; results 
 ``<out>/suite.{json,md}`` (see :mod:`fsad_pipeline.benchmark.suite`).
 
     python -m fsad_pipeline.benchmark --suite real --datasets textile metal_plate --ks 1 2 4 --seeds 0 1 2
+
+``--speed`` runs the project once per (k, seed) (default k = 2, seed 0) on one dataset, then
+anomalib's PatchCore on the same supports and test images, and prints both side by side (fit
+seconds, predict img/s, peak RSS, image / pixel AUROC, the ratios); results in
+``<out>/speed.{json,md}`` (see :mod:`fsad_pipeline.benchmark.peer`; anomalib: ``pip install -e ".[compare]"``).
+
+    python -m fsad_pipeline.benchmark --speed --dataset metal_plate --ks 2 --seeds 0
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 
 from fsad_pipeline.benchmark.fleet import FLEET_VARIANTS, fleet_benchmark, fleet_markdown
 from fsad_pipeline.benchmark.micro import micro_benchmarks
+from fsad_pipeline.benchmark.peer import speed_run, write_speed
 from fsad_pipeline.benchmark.runs import PROJECT_ROOT, make_workdir, markdown_table, run_once, summarise
 from fsad_pipeline.benchmark.suite import SUITES, default_shared_data, run_suite, suite_datasets, suite_markdown
 
@@ -49,10 +57,30 @@ def _suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace) -> int:
+    """``--speed``: the project on ``--dataset`` per (k, seed), then the anomalib PatchCore peer."""
+    datasets = suite_datasets(args.shared_data, [args.dataset])
+    if not datasets:
+        return 1
+    dataset = datasets[0]
+    scratch = args.workdir or Path(tempfile.mkdtemp(prefix="fsad-speed-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    workdir = make_workdir(scratch)
+    records = []
+    for k in args.ks or [2]:
+        for seed in args.seeds or [0]:
+            params = ",".join(p for p in (dataset.params, f"k_shot={k}", f"seed={seed}", args.params) if p)
+            records.append(speed_run(workdir, params, args.out, label=f"{dataset.name}_k{k}_seed{seed}",
+                                     env_name=args.env, with_peer=not args.no_peer))
+            text = write_speed(args.out, records)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="default 1 2 4 (--speed: 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--speed: 0)")
     parser.add_argument("--params", default="", help="extra Kedro runtime params, e.g. dfd.meta_epochs=10")
     parser.add_argument("--env", default=None, help="Kedro environment (e.g. paper)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "08_reporting" / "benchmark")
@@ -71,7 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="suite: only these datasets (textile, kolektorsdd, grid, juice_bottle, metal_plate, tire)")
     parser.add_argument("--shared-data", type=Path, default=default_shared_data(),
                         help="suite: the folder holding kolektorsdd/ and base_categories/")
+    parser.add_argument("--speed", action="store_true",
+                        help="the project once per (k, seed) on --dataset, then anomalib's PatchCore side by side")
+    parser.add_argument("--dataset", default="textile",
+                        help="speed: textile, kolektorsdd or a base category (grid, juice_bottle, metal_plate, tire)")
+    parser.add_argument("--no-peer", action="store_true", help="speed: skip the anomalib PatchCore peer")
     args = parser.parse_args(argv)
+
+    if args.speed:
+        return _speed(args)
+    args.ks = args.ks or [1, 2, 4]
+    args.seeds = args.seeds or [0, 1, 2]
 
     if args.suite:
         return _suite(args)

@@ -38,7 +38,10 @@ def _tree_rss(process: psutil.Process) -> int:
 
 
 def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_path: Path | None = None) -> dict:
-    """One ``kedro run --pipelines=dfd`` in ``workdir``; returns its metrics plus wall time and peak RSS."""
+    """One ``kedro run --pipelines=dfd`` in ``workdir``; returns its metrics plus wall time and peak RSS,
+    and ``node_seconds`` ({node: seconds}) when the run wrote ``node_timings.json`` (see hooks.py)."""
+    timings = workdir / "data" / "08_reporting" / "node_timings.json"
+    timings.unlink(missing_ok=True)  # a previous run's profile must not pass for this one's
     command = [sys.executable, "-m", "kedro", "run", "--pipelines=dfd", f"--params={params}"]
     if env_name:
         command.append(f"--env={env_name}")
@@ -58,7 +61,10 @@ def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_pat
         tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"kedro run failed ({params}); see {log_path}:\n{tail}")
     metrics = json.loads((workdir / "data" / "08_reporting" / "metrics.json").read_text())
-    return {**metrics, "wall_seconds": wall, "peak_rss_gib": peak / 2**30}
+    result = {**metrics, "wall_seconds": wall, "peak_rss_gib": peak / 2**30}
+    if timings.is_file():
+        result["node_seconds"] = {row["node"]: row["seconds"] for row in json.loads(timings.read_text())["nodes"]}
+    return result
 
 
 def make_workdir(root: Path) -> Path:

@@ -169,6 +169,10 @@ class FeatureBackbone(nn.Module):
         strides: Spatial reduction of each returned feature map.
         mean: RGB mean used by :meth:`normalize`.
         std: RGB std used by :meth:`normalize`.
+        channels_last: run the model on channels-last (NHWC) tensors. CNN backbones pass True:
+            oneDNN's NHWC convolutions (depthwise ones above all) ran EfficientNet-Lite0 about
+            1.4x faster on 2 CPU cores (profile in the README); the outputs differ from NCHW by
+            float rounding only.
     """
 
     def __init__(
@@ -180,9 +184,11 @@ class FeatureBackbone(nn.Module):
         strides: Sequence[int],
         mean: Sequence[float],
         std: Sequence[float],
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.channels_last = bool(channels_last)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.name = name
         self.channels: list[int] = [int(c) for c in channels]
         self.strides: list[int] = [int(s) for s in strides]
@@ -206,6 +212,8 @@ class FeatureBackbone(nn.Module):
 
     def forward(self, x_normalized: Tensor) -> list[Tensor]:
         """Return the feature maps of the selected stages for a normalised batch."""
+        if self.channels_last:
+            x_normalized = x_normalized.contiguous(memory_format=torch.channels_last)
         return list(self.model(x_normalized))
 
 
@@ -542,6 +550,7 @@ def _build_backbone(
         strides=features.feature_info.reduction(),
         mean=spec.mean,
         std=spec.std,
+        channels_last=True,
     )
     logger.info(
         "Backbone %s: stages %s, channels %s, strides %s", spec.name, indices, backbone.channels, backbone.strides

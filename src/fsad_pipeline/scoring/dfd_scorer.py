@@ -8,6 +8,7 @@ the synthetic validation split, and calibrates the decision threshold there too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,12 @@ def _training_features(
 ) -> CachedFeatures:
     """Backbone features of every training sample (rotated normal and augmented), both paths."""
     common = dict(image_size=features.image_size, batch_size=features.batch_size, device=device, progress=progress)
-    normal_low, normal_high = extract_features(extractor, samples.normals, desc="features (normal)", **common)
+    # Without rotation every sample of a support shares one clean image: extract each distinct
+    # image once (k instead of k * n_per_image forwards) and index the features per sample.
+    first, inverse = distinct_images(samples.normals)
+    distinct = torch.from_numpy(inverse)
+    normal_low, normal_high = extract_features(extractor, samples.normals[first], desc="features (normal)", **common)
+    normal_low, normal_high = normal_low[distinct], normal_high[distinct]
     aug_low, aug_high = extract_features(extractor, samples.images, desc="features (augmented)", **common)
     return CachedFeatures(
         normal_low=normal_low,
@@ -224,6 +230,23 @@ def _training_features(
         masks=_masks_at(samples.masks, features.image_size),
         labels=torch.from_numpy(samples.labels.astype(np.float32)),
     )
+
+
+def distinct_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the first occurrence of each distinct image and, per image, its distinct index.
+
+    ``images[first][inverse]`` equals ``images`` (byte-identical rows are one image).
+    """
+    seen: dict[bytes, int] = {}
+    first: list[int] = []
+    inverse = np.empty(len(images), dtype=np.int64)
+    for row, image in enumerate(images):
+        key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(row)
+        inverse[row] = seen[key]
+    return np.asarray(first, dtype=np.int64), inverse
 
 
 def _validation_features(

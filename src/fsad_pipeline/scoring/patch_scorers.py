@@ -57,6 +57,24 @@ class PatchScorerSet:
         return cls(FeatureConfig.from_dict(payload["features"]), scorers, payload.get("info", {}))
 
 
+#: What the anomalous bank measures the normal distance d_n against (``anomalous_bank.normal_bank``).
+NORMAL_BANKS = ("coreset", "all")
+
+
+def _normal_bank(choice: str, knn_scorer: MemoryBankScorer, support_features: torch.Tensor) -> torch.Tensor:
+    """The normal patches of the anomalous bank: the kNN scorer's coreset (raw vectors) or every support patch.
+
+    ``coreset`` (default): the k-center coreset already covers every support patch within its
+    radius, so d_n moves by at most that radius, and the search is 10x smaller at coreset 0.1
+    (the profile of the default run: the all-patch bank was 136 s of 216 s of scoring).
+    """
+    if choice == "coreset":
+        return torch.from_numpy(np.ascontiguousarray(knn_scorer.bank))
+    if choice == "all":
+        return support_features.permute(0, 2, 3, 1).reshape(-1, support_features.shape[1])
+    raise ValueError(f"anomalous_bank.normal_bank must be one of {NORMAL_BANKS}, got {choice!r}")
+
+
 def _fit_anomalous_bank(
     defect_features: torch.Tensor,
     defect_masks: np.ndarray | None,
@@ -68,11 +86,11 @@ def _fit_anomalous_bank(
     with torch.inference_mode():
         fallback = knn_scorer.patch_scores(defect_features)
     masks = None if defect_masks is None else torch.from_numpy(defect_masks.astype(np.float32))
-    options = {k: v for k, v in anomalous_bank.items() if k not in ("top_fraction",)}
+    options = {k: v for k, v in anomalous_bank.items() if k not in ("top_fraction", "normal_bank")}
     anomalous = select_anomalous_patches(
         defect_features, masks, fallback_scores=fallback, top_fraction=float(anomalous_bank["top_fraction"])
     )
-    normal = support_features.permute(0, 2, 3, 1).reshape(-1, support_features.shape[1])
+    normal = _normal_bank(anomalous_bank.get("normal_bank", "coreset"), knn_scorer, support_features)
     logger.info("anomalous bank: %d patches from %d labelled defect images", anomalous.shape[0], len(defect_features))
     return AnomalousBankScorer(**options, seed=seed).fit(anomalous, normal)
 
