@@ -35,8 +35,8 @@ def _defects(rng, n, colour, size):
     return images
 
 
-def test_fit_classify_save_load(tmp_path):
-    rng = np.random.default_rng(0)
+def _fit(rng):
+    """A classifier of two types (red, blue) on two normals: (fitted, extractor, kNN bank)."""
     support = _normal(rng, 2)
     textures = TextureBank([TextureSource(f"procedural:{n}", KIND_PROCEDURAL, generator=g) for n, g in list(PROCEDURAL_GENERATORS.items())[:3]])
     extractor = FEATURES.build_extractor()
@@ -46,6 +46,12 @@ def test_fit_classify_save_load(tmp_path):
     shots = np.concatenate([_defects(rng, 2, (250, 20, 20), 12), _defects(rng, 2, (20, 20, 250), 24)])
     types = ["red", "red", "blue", "blue"]
     fitted = fit_defect_type_classifiers(support, shots, types, textures, bank, FEATURES, CONFIG, extractor=extractor, progress=False)
+    return fitted, extractor, bank
+
+
+def test_fit_classify_save_load(tmp_path):
+    rng = np.random.default_rng(0)
+    fitted, extractor, bank = _fit(rng)
     assert set(fitted.classifiers) == set(METHODS) and fitted.class_names == ["blue", "red"]
     assert fitted.info["pretrain"]["steps"] == 3 and fitted.info["fine_tune"]["steps"] == 2 * 2
     assert fitted.info["pseudo_classes"]["samples"] == 9
@@ -87,3 +93,25 @@ def test_defect_type_accuracy_and_confusion():
     assert result["confusion"] == {"true": ["a", "b"], "predicted": ["a", "b", "unknown"], "matrix": [[1, 1, 1], [0, 1, 0]]}
     figure = confusion_matrix_figure({"classifier": result["confusion"], "baseline": result["confusion"]})
     assert len(figure.axes) == 2 and "acc 0.50" in figure.axes[0].get_title()
+
+
+def test_the_node_classifies_in_chunks_with_the_same_result(tmp_path, monkeypatch):
+    import pandas as pd
+    from PIL import Image
+
+    from fsad_pipeline.pipelines.classification import nodes
+
+    rng = np.random.default_rng(1)
+    fitted, _, _ = _fit(rng)
+    queries = np.concatenate([_defects(rng, 3, (250, 20, 20), 12), _defects(rng, 2, (20, 20, 250), 24)])
+    paths = []
+    for index, image in enumerate(queries):
+        paths.append(str(tmp_path / f"q{index}.png"))
+        Image.fromarray(image).save(paths[-1])
+    predictions = pd.DataFrame({"path": paths, "gt_label": 1, "defect_type": "red", "pred_label": [1, 1, 0, 1, 1]})
+    whole = nodes.classify_defect_types(predictions, fitted, {"classify": "flagged"}, 64)
+    monkeypatch.setattr(nodes, "CLASSIFY_CHUNK", 2)
+    chunked = nodes.classify_defect_types(predictions, fitted, {"classify": "flagged"}, 64)
+    pd.testing.assert_frame_equal(whole, chunked)
+    assert not whole["classified"].iloc[2] and whole["pred_defect_type"].iloc[2] == ""
+    assert (whole["pred_defect_type"][whole["classified"]] != "").all()

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -46,9 +45,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import psutil
 
-from fsad_pipeline.benchmark.runs import _tree_rss, run_once
+from fsad_pipeline.benchmark.runs import run_once, run_watched
 from fsad_pipeline.data.geometry import as_hw
 
 #: The line printed when anomalib cannot be imported.
@@ -300,18 +298,10 @@ def run_peer(job: dict[str, Any], out_dir: str | Path) -> dict[str, Any] | None:
     job_path.write_text(json.dumps(job, indent=2))
     result_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "fsad_pipeline.benchmark.peer", "--job", str(job_path), "--out", str(result_path)]
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DO_NOT_TRACK": "1"})
-        watcher = psutil.Process(child.pid)
-        peak = 0
-        while child.poll() is None:
-            peak = max(peak, _tree_rss(watcher))
-            time.sleep(0.25)
-    wall = time.perf_counter() - started
-    if child.returncode != 0 or not result_path.is_file():
+    returncode, wall, peak = run_watched(command, log_path, env={**os.environ, "DO_NOT_TRACK": "1"})
+    if returncode != 0 or not result_path.is_file():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"the PatchCore peer failed (exit {child.returncode}); see {log_path}:\n{tail}")
+        raise RuntimeError(f"the PatchCore peer failed (exit {returncode}); see {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
     # Sampled every 0.25 s as run_once samples the project's run; max_rss_gib is the child's own
     # getrusage peak (exact, one process), for a check on the sampling.

@@ -37,6 +37,24 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
+def run_watched(
+    command: list[str], log_path: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, float, int]:
+    """Run ``command`` with its output in ``log_path``: (exit code, wall seconds, peak RSS bytes).
+
+    The peak is the RSS of the child's whole process tree, sampled every 0.25 s.
+    """
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        watcher = psutil.Process(child.pid)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, _tree_rss(watcher))
+            time.sleep(0.25)
+    return int(child.returncode), time.perf_counter() - started, peak
+
+
 def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_path: Path | None = None) -> dict:
     """One ``kedro run --pipelines=dfd`` in ``workdir``; returns its metrics plus wall time and peak RSS,
     and ``node_seconds`` ({node: seconds}) when the run wrote ``node_timings.json`` (see hooks.py)."""
@@ -48,16 +66,8 @@ def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_pat
     env = {**os.environ, "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="fsad-run-", suffix=".log")[1])
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
-        watcher = psutil.Process(child.pid)
-        peak = 0
-        while child.poll() is None:
-            peak = max(peak, _tree_rss(watcher))
-            time.sleep(0.25)
-    wall = time.perf_counter() - started
-    if child.returncode != 0:
+    returncode, wall, peak = run_watched(command, Path(log_path), cwd=workdir, env=env)
+    if returncode != 0:
         tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"kedro run failed ({params}); see {log_path}:\n{tail}")
     metrics = json.loads((workdir / "data" / "08_reporting" / "metrics.json").read_text())
