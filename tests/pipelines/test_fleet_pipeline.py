@@ -34,6 +34,10 @@ def tiny_fleet(tiny_project, datasets):
                             defects={"scratch": 3, "spot": 3}, seed=7)
     # Keep the tiny project quick: no per-position Gaussian scorer.
     tiny_project.set_params("parameters_memory_bank.yml", {"memory_bank": {"gaussian": {"enabled": False}}})
+    # The Dask workers run one torch thread each (dask.torch_threads); the sequential driver must
+    # too, or the run's threads hook sizes its pool from the machine and float reductions split
+    # differently (scores then differ in the 6th digit).
+    tiny_project.set_params("parameters.yml", {"threads": 1})
     return tiny_project
 
 

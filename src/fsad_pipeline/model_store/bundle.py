@@ -13,7 +13,8 @@ A bundle is what gets promoted, rolled back and shipped to the line::
       classifier/            optional: the defect-type classifier
 
 :func:`load_bundle` refuses, with :class:`BundleError`, a missing or incomplete bundle, a file
-whose checksum changed, and (:class:`BundleMismatchError`) a bundle made for another backbone,
+whose checksum changed, a manifest whose ``content_hash`` does not match its files table, a
+file the table does not list, and (:class:`BundleMismatchError`) a bundle made for another backbone,
 image size or config version than the caller expects. Only safe formats are read.
 """
 
@@ -45,6 +46,10 @@ PATCH_SCORERS_DIR = "patch_scorers"
 FUSION_FILE = "fusion.json"
 SUPPORT_FILE = "support_images.npy"
 CLASSIFIER_DIR = "classifier"
+#: Written by the model store into each version's folder after export: the one file besides the
+#: manifest that a bundle may hold without a row in its files table.
+PROMOTION_FILE = "promotion.json"
+_UNLISTED_ALLOWED = frozenset({MANIFEST_FILE, PROMOTION_FILE})
 
 #: What a caller may expect of a bundle (the running project's configuration).
 EXPECTATION_KEYS = ("backbone", "image_size", "config_version")
@@ -260,17 +265,45 @@ def verify_bundle(directory: str | Path, expect: Mapping[str, Any] | None = None
     for name in ("patch_scorers", "classifier"):
         if components.get(name) and not (directory / components[name]).exists():
             raise BundleError(f"{directory}: the {name} component is missing")
-    files = manifest.get("files") or {}
-    if not files:
-        raise BundleError(f"{directory}: the manifest lists no files")
+    files = _checked_file_table(directory, manifest)
     if check_files:
-        for relative, expected in files.items():
-            path = directory / relative
-            if not path.is_file():
-                raise BundleError(f"{directory}: file {relative} is missing")
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
-                raise BundleError(f"{directory}: file {relative} has changed since export (checksum mismatch)")
+        _check_files_on_disk(directory, files)
     return manifest
+
+
+def _checked_file_table(directory: Path, manifest: Mapping[str, Any]) -> dict[str, dict]:
+    """The manifest's files table, refused unless well formed and matching its ``content_hash``."""
+    files = manifest.get("files") or {}
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{directory}: the manifest lists no files")
+    for relative, expected in files.items():
+        if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) \
+                or not isinstance(expected.get("bytes"), int):
+            raise BundleError(f"{directory}: the files table entry for {relative} is malformed")
+    recorded = manifest.get("content_hash")
+    if recorded != _content_hash(files):
+        raise BundleError(
+            f"{directory}: {MANIFEST_FILE}'s content_hash {recorded!r} does not match its files table "
+            "(the manifest was edited after export); export the model again"
+        )
+    return files
+
+
+def _check_files_on_disk(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every listed file exists with its recorded size and SHA-256, and no other file is there."""
+    for relative, expected in files.items():
+        path = directory / relative
+        if not path.is_file():
+            raise BundleError(f"{directory}: file {relative} is missing")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise BundleError(f"{directory}: file {relative} has changed since export (checksum mismatch)")
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative not in files and relative not in _UNLISTED_ALLOWED:
+            raise BundleError(
+                f"{directory}: file {relative} is not in {MANIFEST_FILE}'s files table (added after export); "
+                "remove it or export the model again"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +352,6 @@ class ModelBundle:
     @property
     def promotion(self) -> dict | None:
         """The model store's promotion record, when the bundle was loaded from the store."""
-        from fsad_pipeline.model_store.store import PROMOTION_FILE
-
         path = self.root / PROMOTION_FILE
         return read_json(path) if path.is_file() else None
 

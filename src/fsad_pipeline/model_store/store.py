@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fsad_pipeline.artifacts import read_json, write_json
-from fsad_pipeline.model_store.bundle import verify_bundle
+from fsad_pipeline.model_store.bundle import PROMOTION_FILE, verify_bundle
 
-PROMOTION_FILE = "promotion.json"
 CHAMPION_LINK = "champion"
 VERSIONS_DIR = "versions"
 LOG_FILE = "store_log.jsonl"
