@@ -60,6 +60,21 @@ def test_keep_aspect_takes_the_median_aspect_and_the_pools_orientation():
         resolve_working_size(portrait, 256, layout="stretch")
 
 
+def test_max_upscale_keeps_small_images_at_their_native_size():
+    """juice_bottle-like pool (256 x 128, H x W): the short side stays 128 at max_upscale 1.0 instead
+    of being doubled to 256; large pools and explicit [H, W] sizes are unaffected."""
+    small = [(256, 128)] * 5
+    assert resolve_working_size(small, 256, max_upscale=None) == (512, 256)
+    assert resolve_working_size(small, 256, max_upscale=1.0) == (256, 128)
+    assert resolve_working_size(small, 256, max_upscale=1.5) == (384, 192)
+    large = [(631, 250)] * 5  # KolektorSDD-like: 250 rounds to 256, nothing is capped
+    assert resolve_working_size(large, 256, max_upscale=1.0) == resolve_working_size(large, 256) == (640, 256)
+    assert resolve_working_size(small, [512, 256], max_upscale=1.0) == (512, 256)
+    assert resolve_working_size(small, 256, layout="squeeze", max_upscale=1.0) == (256, 256)
+    with pytest.raises(ValueError, match="image_max_upscale"):
+        resolve_working_size(small, 256, max_upscale=0)
+
+
 def test_working_size_record_reads_headers(tmp_path):
     paths = []
     for index, (width, height) in enumerate([(50, 126), (50, 124), (52, 130)]):

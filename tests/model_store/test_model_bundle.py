@@ -90,7 +90,7 @@ def test_missing_or_changed_files_are_refused(tmp_path, bundle_dir):
     with pytest.raises(BundleError, match="fusion.json has changed"):
         verify_bundle(bundle_dir)
     assert verify_bundle(bundle_dir, check_files=False)["image_size"] == [32, 32]
-    (bundle_dir / "dfd" / "dfd.safetensors").unlink()
+    (bundle_dir / "dfd" / "member_0" / "dfd.safetensors").unlink()
     with pytest.raises(BundleError, match="dfd.safetensors is missing"):
         load_bundle(bundle_dir)
     shutil.rmtree(bundle_dir / "patch_scorers")
@@ -173,7 +173,7 @@ def test_promotion_refuses_bad_candidates_and_keeps_the_champion(tmp_path, bundl
 
 def _copy_then_crash(candidate, staging, move):
     shutil.copytree(candidate, staging)
-    (staging / "dfd" / "dfd.safetensors").unlink()  # half-written copy ...
+    (staging / "dfd" / "member_0" / "dfd.safetensors").unlink()  # half-written copy ...
     raise OSError("disk full")  # ... and the process dies
 
 

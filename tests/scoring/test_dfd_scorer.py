@@ -46,3 +46,99 @@ def test_training_features_extract_each_clean_image_once(monkeypatch):
     torch.testing.assert_close(cached.normal_high, direct_high, rtol=1e-5, atol=1e-5)
     assert cached.normal_low.shape[0] == 6
 
+
+
+# --- cross-fitting -------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fsad_pipeline.models.dfd_training import DFDTrainConfig, save_dfd  # noqa: E402
+from fsad_pipeline.scoring.dfd_scorer import SCORER_CONFIG_FILE, DFDScorer, score_held_out_in_chunks, support_folds  # noqa: E402
+
+
+def test_support_folds_split_the_supports_into_disjoint_groups():
+    assert support_folds(1, 2) == [[]]  # one support: nothing to hold out
+    assert support_folds(4, None) == [[]] and support_folds(4, 1) == [[]]
+    assert support_folds(2, 2) == [[0], [1]]
+    assert support_folds(4, 2) == [[0, 1], [2, 3]]
+    assert support_folds(3, 5) == [[0], [1], [2]]  # more folds than supports: leave-one-out
+    groups = support_folds(7, 3)
+    assert sorted(i for g in groups for i in g) == list(range(7)) and {len(g) for g in groups} <= {2, 3}
+
+
+@pytest.fixture
+def cross_fitted(datasets):
+    rng = np.random.default_rng(3)
+    train, validation = datasets.pseudo_anomaly_set(rng, 8, 32), datasets.pseudo_anomaly_set(rng, 8, 32)
+    features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=32, batch_size=8)
+    config = DFDTrainConfig(meta_epochs=1, epochs=1, gaussian_hidden=16, seed=0)
+    scorer = DFDScorer.fit(train, validation, features=features, train_config=config, cross_fit_folds=2,
+                           device="cpu", progress=False)
+    return scorer, validation
+
+
+def test_cross_fitted_members_never_see_the_supports_they_score(cross_fitted):
+    scorer, validation = cross_fitted
+    assert scorer.cross_fitted and [m.held_out for m in scorer.members] == [[0], [1]]
+    assert scorer.info["members"] == 2 and len(scorer.info["best_meta_epoch"]) == 2
+    assert {h["member"] for h in scorer.history} == {0, 1}
+    held_out = scorer.score_held_out(validation.images, validation.source_index)
+    low, high = scorer._features(validation.images)
+    for member in scorer.members:  # each row: exactly the output of the member that left its support out
+        rows = np.flatnonzero(np.isin(validation.source_index, member.held_out))
+        own = scorer._member_outputs(member, low[torch.from_numpy(rows)], high[torch.from_numpy(rows)])
+        np.testing.assert_allclose(held_out["pred_score"][rows], own["pred_score"].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(held_out["anomaly_map"][rows], own["anomaly_map"].numpy(), rtol=1e-5, atol=1e-6)
+    # Rows made from no support (labelled defect views): the members' mean, as score() gives.
+    defect_views = scorer.score_held_out(validation.images[:2], [-1, -1])
+    np.testing.assert_allclose(defect_views["pred_score"], scorer.score(validation.images[:2])["pred_score"], rtol=1e-6)
+    chunked = score_held_out_in_chunks(scorer, validation.images, validation.source_index, chunk_size=3)
+    np.testing.assert_allclose(chunked["pred_score"], held_out["pred_score"], rtol=1e-5, atol=1e-6)
+
+
+def test_new_images_get_the_members_mean_map(cross_fitted):
+    scorer, validation = cross_fitted
+    low, high = scorer._features(validation.images)
+    maps = torch.stack([scorer._member_outputs(m, low, high)["anomaly_map"] for m in scorer.members]).mean(0)
+    scored = scorer.score(validation.images)
+    np.testing.assert_allclose(scored["anomaly_map"], maps.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scored["pred_score"], maps.flatten(1).amax(1).numpy(), rtol=1e-5, atol=1e-6)
+    # Two members trained on different supports are different models.
+    first, second = (m.model.state_dict() for m in scorer.members)
+    assert any(not torch.equal(first[key], second[key]) for key in first)
+
+
+def test_a_cross_fitted_scorer_round_trips(cross_fitted, tmp_path):
+    scorer, validation = cross_fitted
+    scorer.save(tmp_path / "dfd")
+    loaded = DFDScorer.load(tmp_path / "dfd", device="cpu")
+    assert [m.held_out for m in loaded.members] == [[0], [1]] and loaded.cross_fitted
+    np.testing.assert_allclose(loaded.score(validation.images)["pred_score"], scorer.score(validation.images)["pred_score"], rtol=1e-6)
+
+
+def test_a_version_1_model_folder_still_loads(cross_fitted, tmp_path):
+    """Models saved before cross-fitting (one model at the folder's top level) load as one member."""
+    scorer, validation = cross_fitted
+    member = scorer.members[0]
+    folder = tmp_path / "old"
+    save_dfd(folder, member.model, scorer.train_config, member.stats, extra={})
+    payload = {"format_version": 1, "name": "dfd", "features": json.loads(json.dumps(scorer.features.__dict__)),
+               "threshold": scorer.threshold, "history": [], "info": {}}
+    (folder / SCORER_CONFIG_FILE).write_text(json.dumps(payload))
+    loaded = DFDScorer.load(folder, device="cpu")
+    assert len(loaded.members) == 1 and not loaded.cross_fitted
+    low, high = scorer._features(validation.images)
+    expected = scorer._member_outputs(member, low, high)["pred_score"].numpy()
+    np.testing.assert_allclose(loaded.score(validation.images)["pred_score"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_member_folder_outside_the_model_folder_is_refused(cross_fitted, tmp_path):
+    scorer, _ = cross_fitted
+    scorer.save(tmp_path / "dfd")
+    payload = json.loads((tmp_path / "dfd" / SCORER_CONFIG_FILE).read_text())
+    payload["members"][0]["folder"] = "../elsewhere"
+    (tmp_path / "dfd" / SCORER_CONFIG_FILE).write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="outside the model folder"):
+        DFDScorer.load(tmp_path / "dfd", device="cpu")

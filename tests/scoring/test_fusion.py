@@ -83,7 +83,10 @@ def test_normal_only_normalisation_maps_held_out_normals_to_zero_one():
             assert np.mean(normalised <= 1.0 + 1e-9) >= 0.95
         else:
             assert normalised.max() == pytest.approx(1.0)
-        assert stats.sources == {"map": "normals", "score": "normals"}
+        # Too few normals for the score quantile: the score scale is the normal pixels' (here the
+        # same values, so the same scale).
+        few = normals.size * 0.05 < 1
+        assert stats.sources == {"map": "normals", "score": "normal_pixels" if few else "normals"}
         assert stats.normalise_scores(anomalies)[0] > 1.0
         np.testing.assert_allclose(stats.normalise_maps(maps)[:, 0, 0], stats.normalise_scores(scores), rtol=1e-5, atol=1e-5)
 
@@ -276,3 +279,24 @@ def test_a_scorer_with_in_sample_validation_normals_is_never_chosen_alone():
     assert guarded["held"] > 0
     # With only in-sample scorers there is nothing to guard against.
     assert fit_fusion(outputs, labels, in_sample=["fit", "held"]).score_weights == {"fit": 1.0, "held": 0.0}
+
+
+def test_few_normals_take_their_score_scale_from_their_pixels():
+    """Two held-out normals (k = 2) cannot give a stable score spread: with ``auto`` (and
+    ``pixels``) the image scores are scaled by the normal pixels' spread; ``scores`` keeps the
+    two-value estimate. The location stays the normals' median image score."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 0, 1, 1], 5)
+    maps = rng.normal(0.0, 2.0, (20, 16, 16)).astype(np.float32)  # pixel spread: q99 - median ~ 4.7
+    scores = np.repeat([1.0, 1.001, 8.0, 9.0], 5)  # two nearly equal normals: spread 0.0005
+    auto = ScoreStats.from_normals(maps, scores, labels == 0)
+    pixel_spread = np.quantile(maps[labels == 0], 0.99) - np.median(maps[labels == 0])
+    assert auto.score_scale == pytest.approx(pixel_spread, rel=1e-5) and auto.sources["score"] == "normal_pixels"
+    assert auto.score_loc == pytest.approx(1.0005)
+    assert ScoreStats.from_normals(maps, scores, labels == 0, score_scale="pixels").score_scale == pytest.approx(pixel_spread, rel=1e-5)
+    own = ScoreStats.from_normals(maps, scores, labels == 0, score_scale="scores")
+    assert own.score_scale == pytest.approx(0.0005) and own.sources["score"] == "normals"
+    many = ScoreStats.from_normals(np.zeros((60, 2, 2)), rng.gamma(2.0, 1.0, 60), np.ones(60, bool))
+    assert many.sources["score"] == "normals"  # enough normals: their own quantile
+    with pytest.raises(ValueError, match="score_scale"):
+        ScoreStats.from_normals(maps, scores, labels == 0, score_scale="minmax")

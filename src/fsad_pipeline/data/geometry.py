@@ -92,7 +92,12 @@ def read_image_sizes(paths: Iterable[str | Path]) -> list[tuple[int, int]]:
 
 
 def resolve_working_size(
-    sizes: Sequence[tuple[int, int]], image_size: int | Sequence[int], *, layout: str = "keep_aspect", multiple: int = 16
+    sizes: Sequence[tuple[int, int]],
+    image_size: int | Sequence[int],
+    *,
+    layout: str = "keep_aspect",
+    multiple: int = 16,
+    max_upscale: float | None = None,
 ) -> tuple[int, int]:
     """The (H, W) every image of a dataset is resized to, from the pool's native ``sizes``.
 
@@ -100,6 +105,9 @@ def resolve_working_size(
     side under ``squeeze`` and the short side under ``keep_aspect``, where the long side follows
     the median aspect (long / short) of ``sizes``, rounded to ``multiple`` and never below the
     short side, in the orientation most of the pool has. Square pools give ``(n, n)`` exactly.
+    ``max_upscale`` (``keep_aspect`` only) caps the short side at that multiple of the pool's
+    median native short side (rounded to ``multiple``): 1.0 never invents pixels, so a 128-px-wide
+    image stays 128 px wide instead of being doubled.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"image_layout must be one of {LAYOUTS}, got {layout!r}")
@@ -111,6 +119,11 @@ def resolve_working_size(
         return (short, short)
     heights = np.asarray([h for h, _ in sizes], dtype=np.float64)
     widths = np.asarray([w for _, w in sizes], dtype=np.float64)
+    if max_upscale is not None:
+        if not float(max_upscale) > 0:
+            raise ValueError(f"image_max_upscale must be positive or null, got {max_upscale!r}")
+        native_short = float(np.median(np.minimum(heights, widths)))
+        short = min(short, _round_to(native_short * float(max_upscale), multiple))
     aspect = float(np.median(np.maximum(heights, widths) / np.minimum(heights, widths)))
     long = max(short, _round_to(short * aspect, multiple))
     portrait = int(np.sum(heights > widths)) > len(sizes) / 2
@@ -118,17 +131,23 @@ def resolve_working_size(
 
 
 def working_size_record(
-    pool_paths: Sequence[str], image_size: int | Sequence[int], *, layout: str = "keep_aspect", multiple: int = 16
+    pool_paths: Sequence[str],
+    image_size: int | Sequence[int],
+    *,
+    layout: str = "keep_aspect",
+    multiple: int = 16,
+    max_upscale: float | None = None,
 ) -> dict:
     """JSON record of the resolved working size: ``{"image_size": [H, W], ...}`` plus how it was found."""
     sizes = read_image_sizes(pool_paths) if layout == "keep_aspect" and isinstance(image_size, (int, np.integer)) else []
-    height, width = resolve_working_size(sizes, image_size, layout=layout, multiple=multiple)
+    height, width = resolve_working_size(sizes, image_size, layout=layout, multiple=multiple, max_upscale=max_upscale)
     aspects = [max(h, w) / min(h, w) for h, w in sizes]
     return {
         "image_size": [height, width],
         "layout": layout,
         "requested": list(as_hw(image_size)) if not isinstance(image_size, (int, np.integer)) else int(image_size),
         "multiple": int(multiple),
+        "max_upscale": None if max_upscale is None else float(max_upscale),
         "pool_images": len(pool_paths),
         "median_native_hw": [int(np.median([h for h, _ in sizes])), int(np.median([w for _, w in sizes]))] if sizes else None,
         "median_aspect": float(np.median(aspects)) if aspects else None,

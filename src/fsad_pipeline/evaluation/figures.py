@@ -403,24 +403,32 @@ def metric_bar_figure(
 
 
 def training_history_figure(history: Sequence[Mapping[str, Any]], *, figsize: tuple[float, float] = (9, 3.5)) -> Figure:
-    """Loss and validation AUROC per meta-epoch (one dict per meta-epoch, as ``train_dfd`` writes)."""
+    """Loss and validation AUROC per meta-epoch (one dict per meta-epoch, as ``train_dfd`` writes).
+
+    Records of a cross-fitted DFD carry ``member``: one line per member (its own held-out
+    validation)."""
     if not history:
         return _empty_figure("no training history")
     fig = Figure(figsize=figsize)
     loss_ax, auroc_ax = fig.subplots(1, 2)
-    epochs = [int(h.get("meta_epoch", i)) for i, h in enumerate(history)]
+    members = sorted({int(h.get("member", 0)) for h in history})
     loss_keys = sorted({k for h in history for k, v in h.items() if "loss" in k and isinstance(v, (int, float))})
-    for key in loss_keys:
-        loss_ax.plot(epochs, [h.get(key, float("nan")) for h in history], label=key)
+    for member in members:
+        records = [h for h in history if int(h.get("member", 0)) == member]
+        epochs = [int(h.get("meta_epoch", i)) for i, h in enumerate(records)]
+        suffix = f" (member {member})" if len(members) > 1 else ""
+        for key in loss_keys:
+            loss_ax.plot(epochs, [h.get(key, float("nan")) for h in records], label=key + suffix)
+        for key in ("image_auroc", "pixel_auroc"):
+            values = [h.get(f"val_{key}", h.get(key)) for h in records]
+            values = [float("nan") if v is None else v for v in values]
+            auroc_ax.plot(epochs, values, marker="o", label=f"validation {key}{suffix}")
     loss_ax.set(xlabel="meta-epoch", ylabel="loss", title="training loss")
     if loss_keys:
-        loss_ax.legend(fontsize=7)
-    for key in ("image_auroc", "pixel_auroc"):
-        values = [h.get(f"val_{key}", h.get(key)) for h in history]
-        values = [float("nan") if v is None else v for v in values]
-        auroc_ax.plot(epochs, values, marker="o", label=f"validation {key}")
-    auroc_ax.set(xlabel="meta-epoch", ylabel="AUROC", title="synthetic validation", ylim=(0, 1.02))
-    auroc_ax.legend(fontsize=7)
+        loss_ax.legend(fontsize=6)
+    title = "synthetic validation" + (" (each member: its held-out supports)" if len(members) > 1 else "")
+    auroc_ax.set(xlabel="meta-epoch", ylabel="AUROC", title=title, ylim=(0, 1.02))
+    auroc_ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 

@@ -196,6 +196,12 @@ class CachedFeatures:
     def __len__(self) -> int:
         return int(self.normal_low.shape[0])
 
+    def subset(self, rows: Tensor) -> CachedFeatures:
+        """The samples at ``rows`` (an index tensor); all of them when ``rows`` covers every sample."""
+        if rows.numel() == len(self) and bool((rows == torch.arange(len(self))).all()):
+            return self
+        return CachedFeatures(*(getattr(self, f.name)[rows] for f in fields(self)))
+
 
 @dataclass
 class ValidationFeatures:
@@ -215,6 +221,12 @@ class ValidationFeatures:
 
     def __len__(self) -> int:
         return int(self.low.shape[0])
+
+    def subset(self, rows: Tensor) -> ValidationFeatures:
+        """The rows at ``rows`` (an index tensor); all of them when ``rows`` covers every row."""
+        if rows.numel() == len(self) and bool((rows == torch.arange(len(self))).all()):
+            return self
+        return ValidationFeatures(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
 def _check_masks_labels(masks: Tensor, labels: Tensor, count: int) -> None:

@@ -4,13 +4,26 @@
 (the backbone is frozen, so caching is exact and saves almost all of the compute), trains the
 adaptor and discriminators on them, selects the meta-epoch and freezes the map normalisation on
 the synthetic validation split, and calibrates the decision threshold there too.
+
+**Cross-fitting** (``cross_fit_folds`` >= 2 and at least two support images): the supports are
+split into that many groups and one DFD *member* is trained per group on every other group's
+samples; each member selects its meta-epoch and freezes its normalisation on the validation rows
+made from its own left-out group. The validation rows therefore get *held-out* DFD scores (the
+model that scores a row never saw the support image the row was made from), as the memory-bank
+scorers' leave-one-support-out scores are: a single DFD model trained on every support scores its
+own supports in-sample, and measured on the real-data suite its validation then ranked it first
+on every object category while the test ranked it first on none. New images are scored by the
+mean of the members' maps. With two folds the training costs what one model on every support
+costs (each member sees half the samples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +50,15 @@ from fsad_pipeline.scoring.base import ScoreBatch
 from fsad_pipeline.scoring.calibration import calibrate_threshold
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
-#: Bumped whenever the saved layout changes; loading refuses other versions.
-SCORER_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the saved layout changes; loading refuses versions it cannot read.
+SCORER_FORMAT_VERSION = 2
+#: Versions this code still reads (1: one model saved at the folder's top level).
+READABLE_FORMAT_VERSIONS = (1, 2)
 SCORER_CONFIG_FILE = "scorer.json"
+#: Sub-folder of member ``i`` of a cross-fitted scorer.
+MEMBER_DIR = "member_{}"
 
 
 @dataclass
@@ -75,13 +94,33 @@ class FeatureConfig:
 
 
 @dataclass
+class DFDMember:
+    """One trained DFD model, its frozen map normalisation and the support images it never saw."""
+
+    model: DFDModel
+    stats: NormalizationStats
+    held_out: list[int] = field(default_factory=list)  # support indices left out of its training
+
+
+def support_folds(n_supports: int, folds: int | None) -> list[list[int]]:
+    """The support groups of a cross-fit: ``folds`` near-equal contiguous groups of support indices.
+
+    Fewer than two supports or folds: ``[[]]`` (one member trained on everything, nothing held
+    out). ``folds`` larger than the supports gives leave-one-support-out.
+    """
+    if folds is None or int(folds) < 2 or n_supports < 2:
+        return [[]]
+    count = min(int(folds), n_supports)
+    return [group.tolist() for group in np.array_split(np.arange(n_supports), count)]
+
+
+@dataclass
 class DFDScorer:
-    """A fitted DFD model with everything needed to score new images."""
+    """A fitted DFD scorer: one member, or several cross-fitted members whose maps are averaged."""
 
     features: FeatureConfig
-    model: DFDModel
+    members: list[DFDMember]
     train_config: DFDTrainConfig
-    stats: NormalizationStats
     threshold: dict
     device: str = "cpu"
     history: list[dict] = field(default_factory=list)
@@ -89,6 +128,8 @@ class DFDScorer:
     name: str = "dfd"
 
     def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a DFD scorer needs at least one trained member")
         self.image_size = as_hw(self.features.image_size)
         self._extractor: PatchFeatureExtractor | None = None
         self._generator = DFDAnomalyMapGenerator(
@@ -101,6 +142,11 @@ class DFDScorer:
             self._extractor = self.features.build_extractor()
         return self._extractor
 
+    @property
+    def cross_fitted(self) -> bool:
+        """Whether every member left some supports out (validation rows get held-out scores)."""
+        return len(self.members) > 1 and all(member.held_out for member in self.members)
+
     # ------------------------------------------------------------------ fitting
     @classmethod
     def fit(
@@ -112,20 +158,50 @@ class DFDScorer:
         train_config: DFDTrainConfig,
         threshold_method: str = "f1_max",
         target_false_alarm_rate: float = 0.05,
+        cross_fit_folds: int | None = None,
         device: str = "auto",
         progress: bool = True,
         extractor: PatchFeatureExtractor | None = None,
     ) -> DFDScorer:
+        """Train one member, or ``cross_fit_folds`` cross-fitted members (see the module docstring).
+
+        The samples' ``source_index`` says which support image each row was made from. Features
+        of every sample are extracted once and shared by the members.
+        """
         torch_device = select_device(device)
         extractor = extractor or features.build_extractor()
         started = time.perf_counter()
         train = _training_features(extractor, train_samples, features, torch_device, progress)
         validation = _validation_features(extractor, validation_samples, features, torch_device, progress)
         feature_seconds = time.perf_counter() - started
-        result: TrainResult = train_dfd(train, train_config, validation=validation, device=torch_device, progress=progress)
-        outputs = score_dfd(
-            result.model, validation.low, validation.high, result.map_generator, result.stats, device=torch_device
-        )
+        n_supports = int(max(train_samples.source_index.max(initial=-1), validation_samples.source_index.max(initial=-1))) + 1
+        groups = support_folds(n_supports, cross_fit_folds)
+        members: list[DFDMember] = []
+        history: list[dict] = []
+        best_epochs: list[int] = []
+        train_seconds = feature_seconds
+        outputs = {"anomaly_map": torch.zeros(len(validation), *train.image_size), "pred_score": torch.zeros(len(validation))}
+        for index, held_out in enumerate(groups):
+            train_rows = _rows_outside(train_samples.source_index, held_out)
+            val_rows = _rows_inside(validation_samples.source_index, held_out)
+            if held_out and (train_rows.numel() == 0 or val_rows.numel() == 0):
+                raise ValueError(f"cross-fit fold {index} (supports {held_out}) has no training or validation rows")
+            fold_train, fold_validation = train.subset(train_rows), validation.subset(val_rows)
+            if len(groups) > 1:
+                logger.info("DFD member %d/%d: trained without supports %s", index + 1, len(groups), held_out)
+            result: TrainResult = train_dfd(
+                fold_train, train_config, validation=fold_validation, device=torch_device, progress=progress
+            )
+            scored = score_dfd(
+                result.model, fold_validation.low, fold_validation.high, result.map_generator, result.stats,
+                device=torch_device,
+            )
+            outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
+            outputs["pred_score"][val_rows] = scored["pred_score"]
+            members.append(DFDMember(result.model.cpu(), result.stats, list(held_out)))
+            history.extend({**record, "member": index} for record in result.history)
+            best_epochs.append(result.best_meta_epoch)
+            train_seconds += result.train_seconds
         threshold = calibrate_threshold(
             validation.labels.numpy(),
             outputs["pred_score"].numpy(),
@@ -134,16 +210,17 @@ class DFDScorer:
         )
         scorer = cls(
             features=features,
-            model=result.model.cpu(),
+            members=members,
             train_config=train_config,
-            stats=result.stats,
             threshold=threshold,
             device=str(torch_device),
-            history=result.history,
+            history=history,
             info={
                 "feature_seconds": feature_seconds,
-                "train_seconds": result.train_seconds + feature_seconds,
-                "best_meta_epoch": result.best_meta_epoch,
+                "train_seconds": train_seconds,
+                "best_meta_epoch": best_epochs[0] if len(best_epochs) == 1 else best_epochs,
+                "members": len(members),
+                "held_out_supports": [member.held_out for member in members],
                 "training_samples": len(train_samples),
                 "validation_samples": len(validation_samples),
                 "feature_dim": extractor.feature_dim,
@@ -154,31 +231,69 @@ class DFDScorer:
         return scorer
 
     # ------------------------------------------------------------------ scoring
-    def score(self, images: np.ndarray) -> ScoreBatch:
-        """Score uint8 RGB images (B, H, W, 3); returns numpy maps (B, H, W) and scores (B,)."""
-        device = select_device(self.device)
-        low, high = extract_features(
+    def _features(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(
             self.extractor,
             images,
             image_size=self.features.image_size,
             batch_size=self.features.batch_size,
-            device=device,
+            device=select_device(self.device),
             progress=False,
         )
-        outputs = score_dfd(self.model, low, high, self._generator, self.stats, device=device)
-        return {
-            "anomaly_map": outputs["anomaly_map"].numpy().astype(np.float32),
-            "pred_score": outputs["pred_score"].numpy().astype(np.float32),
-        }
+
+    def _member_outputs(self, member: DFDMember, low: torch.Tensor, high: torch.Tensor) -> dict[str, torch.Tensor]:
+        return score_dfd(member.model, low, high, self._generator, member.stats, device=select_device(self.device))
+
+    def _mean_outputs(self, low: torch.Tensor, high: torch.Tensor) -> ScoreBatch:
+        """The members' mean map; image score = its maximum (a single member: exactly its own output)."""
+        if len(self.members) == 1:
+            outputs = self._member_outputs(self.members[0], low, high)
+            maps, scores = outputs["anomaly_map"], outputs["pred_score"]
+        else:
+            maps = torch.stack([self._member_outputs(m, low, high)["anomaly_map"] for m in self.members]).mean(dim=0)
+            scores = maps.flatten(1).amax(dim=1)
+        return {"anomaly_map": maps.numpy().astype(np.float32), "pred_score": scores.numpy().astype(np.float32)}
+
+    def score(self, images: np.ndarray) -> ScoreBatch:
+        """Score uint8 RGB images (B, H, W, 3); returns numpy maps (B, H, W) and scores (B,)."""
+        low, high = self._features(images)
+        return self._mean_outputs(low, high)
+
+    def score_held_out(self, images: np.ndarray, sources: Sequence[int]) -> ScoreBatch:
+        """Score validation images, each by the member that never saw its support image.
+
+        ``sources[i]`` is the support image row ``i`` was made from (−1: none, e.g. a labelled
+        defect view); rows no member held out (and every row of a scorer that is not
+        cross-fitted) get the members' mean, as :meth:`score` gives.
+        """
+        sources = np.asarray(sources, dtype=np.int64)
+        if len(sources) != len(images):
+            raise ValueError(f"{len(sources)} sources for {len(images)} images")
+        low, high = self._features(images)
+        result = self._mean_outputs(low, high)
+        if not self.cross_fitted:
+            return result
+        for member in self.members:
+            rows = np.flatnonzero(np.isin(sources, member.held_out))
+            if rows.size:
+                index = torch.from_numpy(rows)
+                own = self._member_outputs(member, low[index], high[index])
+                result["anomaly_map"][rows] = own["anomaly_map"].numpy()
+                result["pred_score"][rows] = own["pred_score"].numpy()
+        return result
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        save_dfd(directory, self.model, self.train_config, self.stats, extra={"features": asdict(self.features)})
+        directory.mkdir(parents=True, exist_ok=True)
+        extra = {"features": asdict(self.features)}
+        for index, member in enumerate(self.members):
+            save_dfd(directory / MEMBER_DIR.format(index), member.model, self.train_config, member.stats, extra=extra)
         payload = {
             "format_version": SCORER_FORMAT_VERSION,
             "name": self.name,
             "features": asdict(self.features),
+            "members": [{"folder": MEMBER_DIR.format(i), "held_out": m.held_out} for i, m in enumerate(self.members)],
             "threshold": self.threshold,
             "history": self.history,
             "info": self.info,
@@ -192,22 +307,56 @@ class DFDScorer:
         if not config_path.exists():
             raise FileNotFoundError(f"{directory} holds no trained DFD model ({SCORER_CONFIG_FILE} missing)")
         payload = json.loads(config_path.read_text())
-        if payload.get("format_version") != SCORER_FORMAT_VERSION:
+        version = payload.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
-                f"{directory}: model format version {payload.get('format_version')!r}, "
-                f"this code reads version {SCORER_FORMAT_VERSION}; retrain the model"
+                f"{directory}: model format version {version!r}, "
+                f"this code reads versions {list(READABLE_FORMAT_VERSIONS)}; retrain the model"
             )
-        model, train_config, stats, _ = load_dfd(directory)
+        # Version 1: one model at the folder's top level.
+        entries = payload.get("members") or [{"folder": ".", "held_out": []}]
+        members, train_config = [], None
+        for entry in entries:
+            folder = (directory / entry["folder"]).resolve()
+            if directory.resolve() not in (folder, *folder.parents):
+                raise ValueError(f"{directory}: member folder {entry['folder']!r} lies outside the model folder")
+            model, train_config, stats, _ = load_dfd(folder)
+            members.append(DFDMember(model, stats, [int(i) for i in entry.get("held_out", [])]))
         return cls(
             features=FeatureConfig.from_dict(payload["features"]),
-            model=model,
+            members=members,
             train_config=train_config,
-            stats=stats,
             threshold=payload["threshold"],
             device=str(select_device(device)),
             history=payload.get("history", []),
             info=payload.get("info", {}),
         )
+
+
+def score_held_out_in_chunks(
+    scorer: DFDScorer, images: np.ndarray, sources: Sequence[int], *, chunk_size: int = 32
+) -> ScoreBatch:
+    """:meth:`DFDScorer.score_held_out` over an in-memory image array, ``chunk_size`` at a time."""
+    sources = np.asarray(sources, dtype=np.int64)
+    chunks = [
+        scorer.score_held_out(images[start : start + chunk_size], sources[start : start + chunk_size])
+        for start in range(0, len(images), chunk_size)
+    ]
+    if not chunks:
+        return {"anomaly_map": np.zeros((0, *scorer.image_size), np.float32), "pred_score": np.zeros(0, np.float32)}
+    return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in ("anomaly_map", "pred_score")}
+
+
+def _rows_outside(sources: np.ndarray, held_out: Sequence[int]) -> torch.Tensor:
+    """Rows whose support image is not held out (all rows when nothing is)."""
+    return torch.from_numpy(np.flatnonzero(~np.isin(np.asarray(sources), list(held_out))))
+
+
+def _rows_inside(sources: np.ndarray, held_out: Sequence[int]) -> torch.Tensor:
+    """Rows made from a held-out support image (all rows when nothing is held out)."""
+    if not held_out:
+        return torch.arange(len(sources))
+    return torch.from_numpy(np.flatnonzero(np.isin(np.asarray(sources), list(held_out))))
 
 
 def _training_features(

@@ -34,10 +34,14 @@ def select_labelled_defects(manifest: pd.DataFrame, k_defect_shots: int, seed: i
     return select_defect_shots(manifest, k_defect_shots=int(k_defect_shots), seed=int(seed))
 
 
-def resolve_working_size(manifest: pd.DataFrame, image_size: int | list, image_layout: str, image_size_multiple: int) -> dict:
+def resolve_working_size(
+    manifest: pd.DataFrame, image_size: int | list, image_layout: str, image_size_multiple: int,
+    image_max_upscale: float | None = None,
+) -> dict:
     """working_size.json: the (H, W) every later stage resizes images to, from the support pool's sizes."""
     record = working_size_record(
-        support_pool(manifest), image_size, layout=str(image_layout), multiple=int(image_size_multiple)
+        support_pool(manifest), image_size, layout=str(image_layout), multiple=int(image_size_multiple),
+        max_upscale=None if image_max_upscale is None else float(image_max_upscale),
     )
     logger.info(
         "working size %sx%s (H x W; %s, median native size %s, median aspect %s)",

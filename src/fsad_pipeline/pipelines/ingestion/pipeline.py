@@ -20,7 +20,10 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 resolve_working_size,
-                inputs=["manifest", "params:image_size", "params:image_layout", "params:image_size_multiple"],
+                inputs=[
+                    "manifest", "params:image_size", "params:image_layout", "params:image_size_multiple",
+                    "params:image_max_upscale",
+                ],
                 outputs="working_size",
                 name="resolve_working_size",
             ),

@@ -10,7 +10,7 @@ from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.scoring.batch import score_paths
 from fsad_pipeline.scoring.calibration import calibrate_threshold
-from fsad_pipeline.scoring.dfd_scorer import DFDScorer
+from fsad_pipeline.scoring.dfd_scorer import DFDScorer, score_held_out_in_chunks
 from fsad_pipeline.scoring.ensemble import assemble, build_winclip, score_in_chunks
 from fsad_pipeline.scoring.fusion import Fusion, fit_fusion
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
@@ -18,13 +18,15 @@ from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
 # Keys of the ``fusion`` parameters passed on to ``fit_fusion`` (``defect_views`` is the memory_bank stage's).
-FUSION_OPTIONS = ("search", "n_trials", "min_gain", "normal_quantile", "normal_pixel_quantile", "max_pixels")
+FUSION_OPTIONS = (
+    "search", "n_trials", "min_gain", "normal_quantile", "normal_pixel_quantile", "score_scale", "max_pixels"
+)
 
 
-def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None):
+def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None, with_dfd=True):
     device = str(select_device(device))
     return assemble(
-        dfd_model,
+        dfd_model if with_dfd else None,
         patch_scorers,
         image_size=as_hw(image_size),
         winclip_scorer=build_winclip(support_images, winclip, device=device),
@@ -54,15 +56,23 @@ def fit_score_fusion(
     ``validation`` holds the per-scorer and fused validation AUROCs (and per pseudo-anomaly
     family when the validation set carries a ``family`` array) next to the row counts.
     """
-    ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device)
-    outputs = {**score_in_chunks(ensemble, fusion_validation.images), **patch_validation}
+    ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device, with_dfd=False)
+    outputs = {
+        "dfd": score_held_out_in_chunks(dfd_model, fusion_validation.images, fusion_validation.source_index),
+        **score_in_chunks(ensemble, fusion_validation.images),
+        **patch_validation,
+    }
     labels = fusion_validation.labels
     options = {key: fusion[key] for key in FUSION_OPTIONS if key in fusion}  # absent: fit_fusion's defaults
     # Whether a scorer's validation normals were kept out of what it was fitted on: the patch
-    # scorers score them leave-one-support-out (k >= 2); DFD is trained on the supports and
-    # WinCLIP takes them as references, so their normals are in-sample and their validation
-    # AUROC is optimistic (measured: README, real-data suite).
-    held_out = {name: bool(name in patch_validation and len(support_images) >= 2) for name in outputs}
+    # scorers score them leave-one-support-out (k >= 2) and a cross-fitted DFD by the member
+    # that never saw them; a single DFD model is trained on the supports and WinCLIP takes them
+    # as references, so their normals are in-sample and their validation AUROC is optimistic
+    # (measured: README, real-data suite).
+    held_out = {
+        name: bool(name in patch_validation and len(support_images) >= 2) or (name == "dfd" and dfd_model.cross_fitted)
+        for name in outputs
+    }
     fitted = fit_fusion(
         outputs,
         labels,
