@@ -7,8 +7,9 @@ the synthetic validation split, and calibrates the decision threshold there too.
 
 **Cross-fitting** (``cross_fit_folds`` >= 2 and at least two support images): the supports are
 split into that many groups and one DFD *member* is trained per group on every other group's
-samples; each member selects its meta-epoch and freezes its normalisation on the validation rows
-made from its own left-out group. The validation rows therefore get *held-out* DFD scores (the
+samples (it selects its meta-epoch and freezes its normalisation on the validation rows of
+those same supports, as a single model does on all of them), then scores the validation rows
+made from its left-out group. The validation rows therefore get *held-out* DFD scores (the
 model that scores a row never saw the support image the row was made from), as the memory-bank
 scorers' leave-one-support-out scores are: a single DFD model trained on every support scores its
 own supports in-sample, and measured on the real-data suite its validation then ranked it first
@@ -183,18 +184,25 @@ class DFDScorer:
         outputs = {"anomaly_map": torch.zeros(len(validation), *train.image_size), "pred_score": torch.zeros(len(validation))}
         for index, held_out in enumerate(groups):
             train_rows = _rows_outside(train_samples.source_index, held_out)
+            # Meta-epoch selection and the map normalisation use the validation rows of the
+            # member's own supports (as a single model uses all of them); the held-out rows are
+            # only scored. Selecting on the held-out rows was tried: with k = 2 they are one
+            # normal image against ~10 pseudo-anomalies, and the noisy criterion stopped a member
+            # after its first meta-epoch (textile).
+            select_rows = _rows_outside(validation_samples.source_index, held_out)
             val_rows = _rows_inside(validation_samples.source_index, held_out)
-            if held_out and (train_rows.numel() == 0 or val_rows.numel() == 0):
+            if held_out and (train_rows.numel() == 0 or val_rows.numel() == 0 or select_rows.numel() == 0):
                 raise ValueError(f"cross-fit fold {index} (supports {held_out}) has no training or validation rows")
-            fold_train, fold_validation = train.subset(train_rows), validation.subset(val_rows)
+            fold_train = train.subset(train_rows)
             if len(groups) > 1:
                 logger.info("DFD member %d/%d: trained without supports %s", index + 1, len(groups), held_out)
             result: TrainResult = train_dfd(
-                fold_train, train_config, validation=fold_validation, device=torch_device, progress=progress
+                fold_train, train_config, validation=validation.subset(select_rows), device=torch_device,
+                progress=progress,
             )
             scored = score_dfd(
-                result.model, fold_validation.low, fold_validation.high, result.map_generator, result.stats,
-                device=torch_device,
+                result.model, validation.low[val_rows], validation.high[val_rows], result.map_generator,
+                result.stats, device=torch_device,
             )
             outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
             outputs["pred_score"][val_rows] = scored["pred_score"]
