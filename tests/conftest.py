@@ -162,8 +162,9 @@ def tiny_model_parts() -> dict:
         validation_images=validation.images, validation_sources=validation.source_index, progress=False,
     )
     fusion = fit_score_fusion(
-        dfd, patch_validation, support, validation,
+        dfd, patch, patch_validation, support, validation, None, None,
         {"n_trials": 5, "min_gain": 0.005, "pixel_weight": 0.0, "search": True},
-        {"method": "f1_max", "target_false_alarm_rate": 0.05}, {"enabled": False}, size, 0, "cpu",
+        {"method": "target_fpr", "target_false_alarm_rate": 0.05}, {"enabled": False}, {"max_pixels": 10**8},
+        size, 0, "cpu",
     )
     return {"dfd_model": dfd, "patch_scorers": patch, "fusion": fusion, "support_images": support, "image_size": size}

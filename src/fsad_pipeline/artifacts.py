@@ -21,12 +21,22 @@ import pandas as pd
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting and restoring it: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # mkdtemp makes the folder 0700 whatever the umask; the swapped-in artifact must get the
+    # mode any folder made here gets (a service under another account reads the champion).
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
         backup = None

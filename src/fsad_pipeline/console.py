@@ -144,6 +144,13 @@ if __name__ == "__main__":
 EXIT_BUSY = 75  # EX_TEMPFAIL: another retraining run holds the lock; try again later
 
 
+def parse_tolerance(text: str) -> float:
+    """argparse type of ``--tolerance`` (see :func:`fsad_pipeline.retrain.parse_tolerance`)."""
+    from fsad_pipeline.retrain import parse_tolerance as parse
+
+    return parse(text)
+
+
 def retrain_main(argv: Sequence[str] | None = None) -> int:
     """``fsad-retrain``: retrain on new data, promote only if not worse (see :mod:`fsad_pipeline.retrain`).
 
@@ -157,7 +164,7 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--project", type=Path, default=Path.cwd(), help="the Kedro/DVC project (default: here)")
     parser.add_argument("--force", action="store_true", help="retrain even if the raw data did not change")
-    parser.add_argument("--tolerance", type=float, default=0.0,
+    parser.add_argument("--tolerance", type=parse_tolerance, default=0.0,
                         help="promote when challenger AUROC >= champion AUROC - tolerance (default 0: not worse)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rollback", action="store_true", help="make the previous champion current again")

@@ -19,7 +19,9 @@ themselves live in the core.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -50,13 +52,12 @@ def _parameters(project: Path) -> dict[str, Any]:
 
 def current_data_fingerprint(project: Path, data: dict) -> str:
     """The fingerprint of the raw data as the ingestion stage would see it now."""
-    from fsad_pipeline.data.manifest import manifest_fingerprint
-    from fsad_pipeline.pipelines.ingestion.nodes import build_image_manifest
+    from fsad_pipeline.data.manifest import manifest_fingerprint, manifest_from_parameters
 
     cwd = Path.cwd()
     os.chdir(project)  # data.root is relative to the project
     try:
-        manifest, _ = build_image_manifest(data)
+        manifest, _ = manifest_from_parameters(data)
     finally:
         os.chdir(cwd)
     return manifest_fingerprint(manifest)
@@ -104,6 +105,44 @@ def _load_candidate_validation(project: Path):
     return load_sample_set(project / "data" / "05_model_input" / "fusion_validation")
 
 
+def parse_tolerance(text: str | float) -> float:
+    """``--tolerance``: a finite number in [-1, 1] (an AUROC difference); refuses NaN and infinities.
+
+    ``nan`` was accepted and then rejected every challenger ("worse than the champion"), since
+    every comparison with NaN is false. Usable as an argparse ``type``.
+    """
+    import argparse
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"tolerance must be a number, got {text!r}") from None
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"tolerance must be a finite AUROC difference in [-1, 1], got {text!r}"
+        )
+    return value
+
+
+def _earlier_rejection(store_root: Path, fingerprint: str, champion: str | None) -> dict | None:
+    """The newest decision record that already compared a challenger on this raw data against this
+    champion and rejected it (so the next scheduled run need not repeat it), or None."""
+    folder = store_root / DECISIONS_DIR
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.json"), reverse=True):  # names start with a UTC time stamp
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if earlier.get("outcome") == "promoted":
+            return None  # a later promotion changed the champion: compare anew
+        if (earlier.get("outcome") == "rejected" and earlier.get("data_fingerprint") == fingerprint
+                and earlier.get("champion") == champion):
+            return {**earlier, "record_path": str(path)}
+    return None
+
+
 def _record_path(store_root: Path, outcome: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     return store_root / DECISIONS_DIR / f"{stamp}-{outcome}.json"
@@ -117,15 +156,30 @@ def retrain(
     device: str = "cpu",
     repro_command: list[str] | None = None,
 ) -> dict:
-    """One retraining attempt; returns the decision record (also written unless nothing was to do)."""
+    """One retraining attempt; returns the decision record (also written unless nothing was to do).
+
+    Nothing is to do when the raw data is the champion's, or when a challenger on this very data
+    was already compared with this champion and rejected (``force`` retrains anyway). The
+    comparison set is the one frozen at the first promotion; a store without one (a champion
+    promoted before frozen sets existed) freezes the challenger's set and says so in the record.
+    """
     from fsad_pipeline.model_store.bundle import read_manifest
     from fsad_pipeline.model_store.champion_challenger import (
         bundle_validation_auroc,
         decide,
-        frozen_validation,
+        freeze_validation,
+        frozen_validation_record,
+        load_frozen_validation,
         retrain_lock,
     )
     from fsad_pipeline.model_store.store import ModelStore
+
+    import argparse
+
+    try:
+        tolerance = parse_tolerance(tolerance)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(str(error)) from None
 
     project = Path(project).resolve()
     params = _parameters(project)
@@ -144,14 +198,31 @@ def retrain(
             if champion is not None and not force:
                 if read_manifest(champion.path).get("data_fingerprint") == fingerprint:
                     return {**record, "outcome": "nothing_to_do", "reason": "raw data unchanged since the champion"}
+                earlier = _earlier_rejection(store_root, fingerprint, champion.version)
+                if earlier is not None:
+                    return {**record, "outcome": "nothing_to_do",
+                            "reason": f"a challenger on this raw data was already rejected against {champion.version} "
+                                      f"({earlier['record_path']}); --force compares again"}
             record["seconds"]["dvc_repro"] = round(_run_dvc_repro(project, repro_command or ["dvc", "repro"]), 1)
             scratch = Path(tempfile.mkdtemp(prefix=".challenger-", dir=store_root))
             try:
                 step = time.perf_counter()
                 _export_challenger(project, params, scratch / "bundle", fingerprint)
-                validation, newly_frozen = frozen_validation(store_root, _load_candidate_validation(project))
+                validation = load_frozen_validation(store_root)
+                newly_frozen = validation is None
+                if newly_frozen:
+                    # No champion yet: the challenger becomes the first champion, so this is the
+                    # first promotion's set. A champion without a frozen set was promoted before
+                    # sets were frozen at promotion; its run's set is gone, so the challenger's
+                    # is frozen, and the record says so.
+                    source = "challenger run (no champion yet)" if champion is None else (
+                        f"challenger run: champion {champion.version} was promoted without a frozen validation set")
+                    if champion is not None:
+                        logger.warning("no frozen validation set in %s; freezing the %s", store_root, source)
+                    freeze_validation(store_root, _load_candidate_validation(project), source=source)
+                    validation = load_frozen_validation(store_root)
                 record["validation"] = {"images": len(validation), "anomalous": int(validation.labels.sum()),
-                                        "newly_frozen": newly_frozen}
+                                        "newly_frozen": newly_frozen, **frozen_validation_record(store_root)}
                 record["challenger_metrics"] = bundle_validation_auroc(scratch / "bundle", validation, device=device)
                 record["champion_metrics"] = (
                     None if champion is None else bundle_validation_auroc(champion.path, validation, device=device)

@@ -95,3 +95,54 @@ def test_resize_image():
     image = np.zeros((10, 20, 3), np.uint8)
     assert resize_image(image, 8).shape == (8, 8, 3)
     assert resize_image(image, (5, 7)).shape == (5, 7, 3)
+
+
+def _png16(path, array, significant_bits=None):
+    """Write a 16-bit grayscale PNG, optionally with an sBIT chunk declaring its significant bits."""
+    import struct
+    import zlib
+
+    Image.fromarray(array.astype(np.uint16)).save(path)
+    if significant_bits is not None:
+        data = path.read_bytes()
+        chunk = struct.pack(">I", 1) + b"sBIT" + bytes([significant_bits])
+        chunk += struct.pack(">I", zlib.crc32(b"sBIT" + bytes([significant_bits])) & 0xFFFFFFFF)
+        end_of_ihdr = 8 + 8 + 13 + 4
+        path.write_bytes(data[:end_of_ihdr] + chunk + data[end_of_ihdr:])
+    return path
+
+
+def test_16_bit_images_are_scaled_by_their_declared_depth_not_their_content(tmp_path):
+    """Issue 18, defect 3: the scale came from the image's own maximum, so two nearly equal
+    images (max 255 vs 256) came out with mean 145 vs 0.7."""
+    ramp = np.tile(np.arange(0, 256, dtype=np.uint16), (4, 1))
+    low = read_image(_png16(tmp_path / "a.png", ramp))
+    high = read_image(_png16(tmp_path / "b.png", np.minimum(ramp + 1, 256)))
+    assert abs(float(low.mean()) - float(high.mean())) < 0.05  # one grey level of 65535 apart
+    assert int(low.max()) == round(255 * 255 / 65535)
+    full = read_image(_png16(tmp_path / "c.png", np.full((4, 4), 65535)))
+    assert int(full.min()) == 255
+
+
+def test_a_12_bit_image_declared_by_sbit_uses_its_full_range(tmp_path):
+    """A 12-bit camera image stored as 16-bit PNG with sBIT = 12: white (4095) is white, not nearly black."""
+    image = read_image(_png16(tmp_path / "cam.png", np.array([[0, 2048, 4095]] * 3), significant_bits=12))
+    assert image[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_a_16_bit_mask_of_zeros_and_ones_keeps_its_defect(tmp_path):
+    from fsad_pipeline.data.images import read_mask
+
+    mask = np.zeros((8, 8), np.uint16)
+    mask[2:4, 2:4] = 1
+    assert read_mask(_png16(tmp_path / "m.png", mask)).sum() == 4
+
+
+def test_data_max_pixels_is_the_guard_that_applies_above_pils_own_limit(tmp_path, monkeypatch):
+    """Issue 18, defect 4: PIL's own limit refused images below data.max_pixels, with PIL's message."""
+    path = _save(tmp_path / "big.png", np.zeros((40, 50, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL errors above 2 x 500 = 1000 pixels
+    assert read_image(path, max_pixels=10_000).shape == (40, 50, 3)
+    assert Image.MAX_IMAGE_PIXELS == 500  # restored
+    with pytest.raises(BadImageError, match="exceeds the decompression-bomb guard of 1000 pixels"):
+        read_image(path, max_pixels=1000)

@@ -37,3 +37,21 @@ def test_support_never_in_evaluation(manifest):
 def test_load_images(manifest):
     images = load_images(manifest["path"][:3].tolist(), 32)
     assert images.shape == (3, 32, 32, 3) and images.dtype.name == "uint8"
+
+
+def test_fewer_defect_images_than_k_defect_shots_is_said_not_shrunk_silently(manifest, caplog):
+    """Issue 18, defect 10: a type with fewer images than asked for gave fewer shots without a word."""
+    import logging
+
+    from fsad_pipeline.data.sampling import select_defect_shots
+
+    counts = manifest[manifest["label"] == 1].groupby("defect_type").size()
+    with caplog.at_level(logging.WARNING, logger="fsad_pipeline.data.sampling"):
+        shots = select_defect_shots(manifest, k_defect_shots=int(counts.max()) + 5, seed=0)["shots"]
+    for defect_type, count in counts.items():
+        assert len(shots[defect_type]) == count - 1  # one kept for evaluation
+        assert any(repr(defect_type) in r.getMessage() and "instead of k_defect_shots" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fsad_pipeline.data.sampling"):
+        select_defect_shots(manifest, k_defect_shots=1, seed=0)
+    assert not caplog.records

@@ -152,3 +152,58 @@ def test_defect_type_columns_when_the_bundle_has_a_classifier(bundle, inbox, tmp
     assert (table.loc[flagged, "runner_up_defect_type"] == "scratch").all()
     assert (table.loc[flagged, "pred_defect_probability"].astype(float) == 0.8).all()
     assert (table.loc[~flagged, "pred_defect_type"] == "").all()
+
+
+def test_a_failed_inspection_leaves_the_earlier_results_intact(bundle, inbox, tmp_path):
+    """Issue 18, defect 1: the output folder was replaced before the run found no readable image."""
+    out = tmp_path / "run"
+    first = inspect_images(bundle, inbox / "a_good.png", out, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert first.summary["n_images"] == 1 and before
+    with pytest.raises(NoImagesError, match="left as they were") as error:
+        inspect_images(bundle, [inbox / "d_corrupt.png", inbox / "e_empty.png"], out, progress=False)
+    assert "e_empty.png: zero-byte file" in str(error.value)  # the reasons are in the message
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no staging left behind
+
+
+def test_a_missing_input_path_is_named_as_missing(bundle, tmp_path):
+    """Issue 18, defect 10: a path that does not exist was reported as "no image files found"."""
+    with pytest.raises(NoImagesError, match=r"path does not exist: .*no_such_folder") as error:
+        inspect_images(bundle, tmp_path / "no_such_folder", tmp_path / "run", progress=False)
+    assert "no image files found" not in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoImagesError, match=r"paths do not exist: .*a, .*b; no image files found in .*empty"):
+        inspect_images(bundle, [tmp_path / "a", tmp_path / "b", tmp_path / "empty"], tmp_path / "run", progress=False)
+
+
+def test_quiet_inspection_shows_no_knn_progress_bars(bundle, inbox, tmp_path, capsys):
+    """Issue 18, defect 10: a bank fitted with progress bars kept printing them under --quiet."""
+    knn = bundle.patch_scorers.scorers["knn"]
+    knn.set_progress(True)  # as a bank fitted by a pipeline run with progress on is saved
+    capsys.readouterr()
+    inspect_images(bundle, inbox / "a_good.png", tmp_path / "quiet", progress=False)
+    assert "kNN" not in capsys.readouterr().err
+    inspect_images(bundle, inbox / "a_good.png", tmp_path / "loud", progress=True)
+    assert "kNN" in capsys.readouterr().err
+
+
+def test_an_inspection_logs_its_count_and_output_folder(bundle, inbox, tmp_path, caplog):
+    """Issue 18, defect 10: the inference pipeline's log gave no count or output path."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fsad_pipeline.inspection.inspector"):
+        inspect_images(bundle, inbox, tmp_path / "run", progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "inspected" in r.getMessage()]
+    assert "inspected 3 image(s)" in line and "2 rejected" in line and str(tmp_path / "run") in line
+
+
+def test_an_inspection_writes_a_self_contained_report(bundle, inbox, tmp_path):
+    """Issue 18, defect 11: the README promised an inference report; only summary.json was written."""
+    result = inspect_images(bundle, inbox, tmp_path / "run", progress=False)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert result.summary["files"]["report"] == "report.html"
+    assert page.count('class="image-row"') == 3 and "inference run" in page and "data:image/jpeg;base64," in page
+    inspect_images(bundle, inbox, tmp_path / "plain", report=False, progress=False)
+    assert not (tmp_path / "plain" / "report.html").exists()

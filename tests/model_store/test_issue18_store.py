@@ -99,3 +99,17 @@ def test_a_tampered_or_deleted_listed_file_is_refused_by_name(bundle_dir):
 def test_the_stores_promotion_record_is_not_an_unlisted_file(tmp_path, bundle_dir):
     entry = ModelStore(tmp_path / "models").promote(bundle_dir, {"kind": "test"})
     assert load_bundle(entry.path, device="cpu").promotion["version"] == "v0001"
+
+
+# ------------------------------------------------------------------ defect 8: folder modes follow the umask
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750), (0o077, 0o700)])
+def test_atomic_directories_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "artifact") as staging:
+            (staging / "file.txt").write_text("x")
+        plain = tmp_path / "plain"
+        plain.mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "artifact").stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode)

@@ -50,6 +50,19 @@ def test_k_too_large_fails_clearly(tiny_project):
         tiny_project.run("ingestion", params={"k_shot": 50})
 
 
+def test_a_failed_ingestion_leaves_the_previous_outputs_matching(tiny_project):
+    """Issue 18, defect 2: the manifest was saved before the k_shot check failed, so manifest.csv
+    and support_selection.json described different drops."""
+    tiny_project.run("ingestion")
+    outputs = [tiny_project.path(f"data/02_intermediate/{name}") for name in ("manifest.csv", "support_selection.json")]
+    before = [path.read_bytes() for path in outputs]
+    new_good = tiny_project.path("data/01_raw/widget/train/good/zz_new.png")
+    new_good.write_bytes(tiny_project.path("data/01_raw/widget/train/good").glob("*.png").__next__().read_bytes())
+    with pytest.raises(Exception, match="k_shot=50 but only 6 good training image"):
+        tiny_project.run("ingestion", params={"k_shot": 50})
+    assert [path.read_bytes() for path in outputs] == before
+
+
 def test_registry_lists_the_stages(tiny_project):
     from kedro.framework.project import pipelines
     from kedro.framework.startup import bootstrap_project

@@ -1,31 +1,55 @@
 import numpy as np
 import pytest
 
-from fsad_pipeline.scoring.calibration import calibrate_threshold
+from fsad_pipeline.scoring.calibration import calibrate_threshold, target_fpr_threshold
 
 
 def test_f1_max_separable():
     labels = np.array([0, 0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
-    result = calibrate_threshold(labels, scores)
+    result = calibrate_threshold(labels, scores, method="f1_max")
     assert result["method"] == "f1_max" and result["validation_f1"] == 1.0
     assert 0.3 < result["threshold"] <= 0.8
 
 
-def test_false_alarm_rate():
-    normals = np.linspace(0, 1, 101)
-    labels = np.r_[np.zeros(101), np.ones(3)]
-    scores = np.r_[normals, [2.0, 3.0, 4.0]]
-    result = calibrate_threshold(labels, scores, method="false_alarm_rate", target_false_alarm_rate=0.1)
-    assert result["validation_false_alarm_rate"] <= 0.1
-    assert np.mean(normals >= result["threshold"]) == pytest.approx(0.099, abs=0.01)
+def test_target_fpr_is_the_conformal_order_statistic():
+    """n good images: a new good image is flagged with probability (j + 1) / (n + 1), j the
+    calibration scores left above the threshold; j is the largest with that <= the target."""
+    normals = np.arange(100.0)
+    result = calibrate_threshold(np.r_[np.zeros(100), np.ones(3)], np.r_[normals, [200.0, 300.0, 400.0]],
+                                 target_false_alarm_rate=0.1)
+    assert result["method"] == "target_fpr"
+    # floor(0.1 * 101) - 1 = 9 calibration scores stay above: the threshold sits just above 90.
+    assert 90.0 < result["threshold"] <= np.nextafter(90.0, np.inf)
+    assert result["expected_false_alarm_rate"] == pytest.approx(10 / 101) and result["calibration_normals"] == 100
+    assert result["calibration_false_alarm_rate"] == pytest.approx(0.09)
 
 
-def test_single_class_falls_back_to_false_alarm_rate():
-    result = calibrate_threshold(np.zeros(20), np.arange(20.0), target_false_alarm_rate=0.05)
-    assert result["method"] == "false_alarm_rate" and result["validation_false_alarm_rate"] <= 0.05
+def test_target_fpr_holds_on_new_good_images_from_the_same_process():
+    """Many draws of 40 calibration + 2000 new good images: the mean false-alarm rate is the expected one."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(400):
+        result = target_fpr_threshold(rng.gamma(2.0, 1.0, 40), 0.05)
+        rates.append(np.mean(rng.gamma(2.0, 1.0, 2000) >= result["threshold"]))
+    assert result["expected_false_alarm_rate"] == pytest.approx(2 / 41)
+    assert np.mean(rates) == pytest.approx(2 / 41, abs=0.006)
 
 
-def test_unknown_method():
+def test_too_few_good_images_say_what_rate_to_expect(caplog):
+    result = target_fpr_threshold(np.array([1.0, 2.0]), 0.05)
+    assert result["threshold"] > 2.0 and result["expected_false_alarm_rate"] == pytest.approx(1 / 3)
+    assert "cannot resolve" in caplog.text
+
+
+def test_f1_max_without_defects_falls_back_to_the_target_rate():
+    result = calibrate_threshold(np.zeros(20), np.arange(20.0), method="f1_max", target_false_alarm_rate=0.05)
+    assert result["method"] == "target_fpr" and result["threshold"] > 19.0
+
+
+def test_the_earlier_method_name_still_works_and_unknown_ones_do_not():
+    assert calibrate_threshold([0] * 40, np.arange(40.0), method="false_alarm_rate")["method"] == "target_fpr"
     with pytest.raises(ValueError, match="threshold method"):
         calibrate_threshold([0, 1], [0.0, 1.0], method="magic")
+    with pytest.raises(ValueError, match="target_false_alarm_rate"):
+        target_fpr_threshold(np.arange(5.0), 0.0)

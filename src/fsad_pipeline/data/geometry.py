@@ -154,20 +154,21 @@ def working_size_record(
     }
 
 
-def fit_to_size(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+def fit_to_size(image: np.ndarray, size: int | Sequence[int], *, mask: bool = False) -> np.ndarray:
     """Resize ``image`` keeping its aspect so that it covers ``size``, then centre-crop to it.
 
     Used when an image's aspect differs from the model's working size (a new camera, a cropped
     part): squeezing would change the defects' shape the model learned, while cover + crop keeps
     the scale right and loses only the margins of the longer side. Same aspect: a plain resize.
+    ``mask``: ``image`` is an (H, W) label mask, resized nearest-neighbour.
     """
-    from fsad_pipeline.data.images import resize_image
+    from fsad_pipeline.data.images import resize_image, resize_mask
 
     height, width = as_hw(size)
     in_h, in_w = image.shape[:2]
     scale = max(height / in_h, width / in_w)
     cover_h, cover_w = max(height, math.ceil(in_h * scale - 1e-9)), max(width, math.ceil(in_w * scale - 1e-9))
-    resized = resize_image(image, (cover_h, cover_w))
+    resized = (resize_mask if mask else resize_image)(image, (cover_h, cover_w))
     top, left = (cover_h - height) // 2, (cover_w - width) // 2
     return np.ascontiguousarray(resized[top : top + height, left : left + width])
 

@@ -9,7 +9,10 @@ decompression bombs, and converts whatever it finds (grayscale, palette, RGBA, 1
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,25 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pil_guard_off() -> Iterator[None]:
+    """PIL's own decompression-bomb limit off while a file's header is read (restored after).
+
+    Without this, an image between PIL's limit (2 x ~89 MP) and a larger ``data.max_pixels``
+    was refused with PIL's message, and the configured guard was not the one that applied.
+    """
+    with _PIL_GUARD_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def _open_fully(path: Path, max_pixels: int) -> Image.Image:
     """Open and decode the whole file, raising BadImageError for every way it can fail."""
     if not path.exists():
@@ -51,9 +73,11 @@ def _open_fully(path: Path, max_pixels: int) -> Image.Image:
         raise BadImageError(path, "zero-byte file")
     try:
         with warnings.catch_warnings():
-            # PIL warns (and only errors at 2x the limit) for big images; we apply our own guard.
+            # PIL warns (and errors at 2x its own MAX_IMAGE_PIXELS, when the header is read) for
+            # big images; the guard that counts is data.max_pixels, applied below, not PIL's.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            with _pil_guard_off():
+                image = Image.open(path)
             width, height = image.size
             if width * height > max_pixels:
                 raise BadImageError(
@@ -69,17 +93,56 @@ def _open_fully(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale a >8-bit or float array to uint8 (16-bit by its full range, float by min-max)."""
-    if array.dtype == np.uint8:
+def _to_uint8(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
+    """Scale an integer array of ``bit_depth`` bits (default: its dtype's width) or a float array
+    (min-max: floats declare no range) to uint8. Integer data are scaled by the *declared* depth,
+    never by their content: two images that differ by one grey level stay one level apart."""
+    if array.dtype == np.uint8 and bit_depth in (None, 8):
         return array
     if np.issubdtype(array.dtype, np.integer):
-        top = 65535 if array.max(initial=0) > 255 else 255
+        bits = int(bit_depth) if bit_depth else 8 * array.dtype.itemsize
+        top = float(2**bits - 1)
         return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
     array = array.astype(np.float64)
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
     scaled = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
     return np.round(np.nan_to_num(scaled) * 255).astype(np.uint8)
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The significant bits a PNG declares in its ``sBIT`` chunk (e.g. 12 for a 12-bit camera
+    image stored in 16 bits), or None when it has none. PIL does not read this chunk."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                header = handle.read(8)
+                if len(header) < 8:
+                    return None
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None  # sBIT precedes the image data
+                data = handle.read(length)
+                handle.seek(4, 1)  # CRC
+                if kind == b"sBIT" and data:
+                    return max(data)  # one byte per channel: the largest channel depth
+    except OSError:
+        return None
+
+
+def declared_bit_depth(image: Image.Image, path: Path) -> int | None:
+    """The bit depth a deep (16-bit or 32-bit integer) grayscale image declares: the PNG ``sBIT``
+    significant bits, else its container (16 for ``I;16*``; ``I`` from a PNG: 16, PNG's maximum;
+    otherwise 32). None for other modes."""
+    if not image.mode.startswith("I"):
+        return None
+    significant = _png_significant_bits(path) if image.format == "PNG" else None
+    if significant:
+        return int(significant)
+    if image.mode.startswith("I;16") or image.format == "PNG":
+        return 16
+    return 32
 
 
 def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -98,7 +161,7 @@ def read_image_with_note(
     if mode in ("RGB",):
         array = np.asarray(image, dtype=np.uint8)
     elif mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
-        gray = _to_uint8(np.asarray(image))
+        gray = _to_uint8(np.asarray(image), declared_bit_depth(image, path))
         array = np.repeat(gray[..., None], 3, axis=2)
     elif mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in image.info):
         # Alpha is dropped: industrial captures carry no meaningful transparency.
@@ -134,6 +197,10 @@ def read_mask(
     array = np.asarray(image)
     if array.ndim == 3:
         array = array[..., :3].max(axis=2) if array.shape[2] >= 3 else array[..., 0]
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        # Compared on the 8-bit scale without rounding: a 16-bit mask of 0/1 keeps its 1s.
+        top = float(2 ** (declared_bit_depth(image, path) or 8 * array.dtype.itemsize) - 1)
+        return (array.astype(np.float64) * (255.0 / top) > threshold).astype(np.uint8)
     return (_to_uint8(array) > threshold).astype(np.uint8)
 
 

@@ -92,6 +92,22 @@ def build_manifest(
     return manifest, rejects_frame
 
 
+def manifest_from_parameters(data: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest and rejects of the drop the ``data`` parameters point at (``source``, ``root``,
+    ``category``, the source's own options, ``max_pixels``, ``on_bad_image``, ``mask_threshold``);
+    the textile data are materialised first when chosen."""
+    from fsad_pipeline.data.layouts import discover
+
+    source = data["source"]
+    records = discover(source, data["root"], data["category"], **(data.get(source) or {}))
+    return build_manifest(
+        records,
+        max_pixels=int(data["max_pixels"]),
+        on_bad_image=data["on_bad_image"],
+        mask_threshold=int(data["mask_threshold"]),
+    )
+
+
 def manifest_fingerprint(manifest: pd.DataFrame) -> str:
     """A hash of the manifest's content (paths and file hashes): changes iff the raw data changed."""
     import hashlib

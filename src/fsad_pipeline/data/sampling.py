@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,11 +11,32 @@ import pandas as pd
 from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.images import read_image, resize_image
 
+logger = logging.getLogger(__name__)
+
 
 def support_pool(manifest: pd.DataFrame) -> list[str]:
     """Paths of the good training images, sorted (the pool the support shots come from)."""
     pool = manifest[(manifest["split"] == "train") & (manifest["label"] == 0)]
     return sorted(pool["path"].tolist())
+
+
+def check_support_pool(manifest: pd.DataFrame, k_shot: int, *, rejected: int = 0) -> list[str]:
+    """The support pool (:func:`support_pool`), or a ValueError when it cannot give ``k_shot`` images.
+
+    The ingestion checks this before it saves anything, so a failed run never leaves a manifest
+    that describes another drop than the support selection beside it. ``rejected`` (files the
+    manifest refused) is named in the message, as it is often why the pool is short.
+    """
+    if k_shot < 1:
+        raise ValueError(f"k_shot must be at least 1, got {k_shot}")
+    pool = support_pool(manifest)
+    if k_shot > len(pool):
+        extra = f" ({rejected} file(s) were rejected as unreadable; see the ingestion log)" if rejected else ""
+        raise ValueError(
+            f"k_shot={k_shot} but only {len(pool)} good training image(s) are available{extra}; "
+            "lower k_shot or add good images"
+        )
+    return pool
 
 
 def select_support(manifest: pd.DataFrame, *, k_shot: int, seed: int, rounds: int = 1) -> dict:
@@ -23,22 +45,29 @@ def select_support(manifest: pd.DataFrame, *, k_shot: int, seed: int, rounds: in
     Round ``r`` uses ``np.random.default_rng([seed, r])``, so adding rounds never changes the
     earlier ones. Returns a JSON-ready dict ``{k_shot, seed, pool_size, rounds: [[path, ...], ...]}``.
     """
-    if k_shot < 1:
-        raise ValueError(f"k_shot must be at least 1, got {k_shot}")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    pool = support_pool(manifest)
-    if k_shot > len(pool):
-        raise ValueError(
-            f"k_shot={k_shot} but only {len(pool)} good training image(s) are available; "
-            "lower k_shot or add good images"
-        )
+    pool = check_support_pool(manifest, k_shot)
     selections = []
     for round_index in range(rounds):
         rng = np.random.default_rng([seed, round_index])
         chosen = rng.choice(len(pool), size=k_shot, replace=False)
         selections.append([pool[i] for i in sorted(chosen.tolist())])
     return {"k_shot": int(k_shot), "seed": int(seed), "pool_size": len(pool), "rounds": selections}
+
+
+def calibration_paths(manifest: pd.DataFrame, support_selection: dict, *, count: int, seed: int) -> list[str]:
+    """Up to ``count`` good images of the support pool that are not among the supports of any
+    round: good images the model is never fitted on, drawn (seeded) to calibrate the decision
+    threshold. They come from the training pool, never from the test set. Sorted."""
+    if count <= 0:
+        return []
+    supports = {path for paths in support_selection.get("rounds", []) for path in paths}
+    rest = [path for path in support_pool(manifest) if path not in supports]
+    if len(rest) <= count:
+        return rest
+    rng = np.random.default_rng([int(seed), 104729])
+    return sorted(rest[i] for i in rng.choice(len(rest), size=int(count), replace=False))
 
 
 def evaluation_set(manifest: pd.DataFrame, exclude: Sequence[str] = ()) -> pd.DataFrame:
@@ -126,6 +155,11 @@ def select_defect_shots(manifest: pd.DataFrame, *, k_defect_shots: int, seed: in
             paths = sorted(defects.loc[defects["defect_type"] == defect_type, "path"])
             # Keep at least one image of the type for evaluation.
             take = min(k_defect_shots, max(0, len(paths) - 1))
+            if take < k_defect_shots:
+                logger.warning(
+                    "defect type %r has %d image(s): %d taken as labelled shot(s) instead of k_defect_shots=%d "
+                    "(one is always kept for evaluation)", defect_type, len(paths), take, k_defect_shots,
+                )
             rng = np.random.default_rng([seed, 7919, len(shots)])
             shots[str(defect_type)] = sorted(paths[i] for i in rng.choice(len(paths), size=take, replace=False))
     return {"k_defect_shots": int(k_defect_shots), "seed": int(seed), "shots": shots}

@@ -232,7 +232,23 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
         tables.append(_table(["defect-type method (flagged defects)", *columns.values()],
                              [[_esc(name), *[_esc(_fmt(values.get(c))) for c in columns]] for name, values in methods.items()]))
 
-    shown = set(SCORER_METRICS) | {"scorers", "fusion_weights", "image_auroc_per_defect_type"}
+    confusion = metrics.get("confusion_at_threshold")
+    if confusion:
+        decision = metrics.get("threshold_calibration") or {}
+        rows = [
+            ("threshold", _fmt(metrics.get("threshold"))),
+            ("calibrated by", _text(decision.get("method"))),
+            ("target false-alarm rate", _fmt(decision.get("target_false_alarm_rate"))),
+            ("expected false-alarm rate (calibration good images)", _fmt(decision.get("expected_false_alarm_rate"))),
+            ("false-alarm rate on good test images", _fmt(metrics.get("false_alarm_rate"))),
+            ("miss rate on defect test images", _fmt(metrics.get("miss_rate"))),
+            ("good flagged NG / good passed OK", f"{confusion['false_positive']} / {confusion['true_negative']}"),
+            ("defects flagged NG / defects passed OK", f"{confusion['true_positive']} / {confusion['false_negative']}"),
+        ]
+        tables.append(_table(["at the deployed threshold", "value"], [[_esc(k), _esc(v)] for k, v in rows], css="kv"))
+
+    shown = set(SCORER_METRICS) | {"scorers", "fusion_weights", "image_auroc_per_defect_type",
+                                   "false_alarm_rate", "miss_rate", "threshold"}
     run = [(_esc(k.replace("_", " ")), _esc(_fmt(v))) for k, v in metrics.items()
            if k not in shown and not isinstance(v, Mapping)]
     if run:

@@ -47,6 +47,7 @@ def evaluate_predictions(
         "f1_max": _clean(f1),
         "f1_max_threshold": _clean(f1_threshold),
         "accuracy_at_threshold": float((predicted == labels).mean()) if len(labels) else None,
+        **decision_rates(labels, predicted),
         "n_images": int(len(labels)),
         "n_anomalous": int(labels.sum()),
         "pixel_auroc": None,
@@ -62,6 +63,26 @@ def evaluate_predictions(
             metrics["aupro"] = _clean(aupro(masks, maps, fpr_limit=fpr_limit))
             metrics["n_images_with_masks"] = int(keep.sum())
     return metrics
+
+
+def decision_rates(gt_labels: np.ndarray, pred_labels: np.ndarray) -> dict:
+    """What the deployed threshold does on a labelled set: the false-alarm rate on good images
+    (good flagged NG / good), the miss rate on defects (defects passed OK / defects) and the
+    confusion counts. A rate is None when its class is absent."""
+    labels = np.asarray(gt_labels).astype(int)
+    predicted = np.asarray(pred_labels).astype(int)
+    confusion = {
+        "true_positive": int(((labels == 1) & (predicted == 1)).sum()),
+        "false_positive": int(((labels == 0) & (predicted == 1)).sum()),
+        "true_negative": int(((labels == 0) & (predicted == 0)).sum()),
+        "false_negative": int(((labels == 1) & (predicted == 0)).sum()),
+    }
+    good, bad = int((labels == 0).sum()), int((labels == 1).sum())
+    return {
+        "false_alarm_rate": confusion["false_positive"] / good if good else None,
+        "miss_rate": confusion["false_negative"] / bad if bad else None,
+        "confusion_at_threshold": confusion,
+    }
 
 
 def curve_points(predictions: pd.DataFrame) -> dict:

@@ -11,11 +11,14 @@ of images but the table), lists unreadable files instead of stopping, and writes
       rejects.csv        path, reason for every input that could not be read
       summary.json       model, threshold, counts, seconds, images/s
       overlays/          NNNNN_<stem>.png: the image with its anomaly map and verdict
+      report.html        one self-contained page: every image ranked by score with its heat map,
+                         verdict and defect type (thumbnails embedded, so it can be mailed)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -27,16 +30,21 @@ import numpy as np
 import pandas as pd
 
 from fsad_pipeline.artifacts import atomic_directory, write_json, write_png
+from fsad_pipeline.data.geometry import ResizedMaps, capped_size
 from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, is_image_file
 from fsad_pipeline.data.layouts import ANNOTATION_FOLDERS
 from fsad_pipeline.evaluation.figures import heatmap_overlay_image
+from fsad_pipeline.evaluation.html_report import render_html_report, save_html_report
 from fsad_pipeline.model_store.bundle import CLASSIFIER_COLUMNS, ModelBundle
 from fsad_pipeline.scoring.batch import ScoredChunk, iter_scored_chunks
 
 PREDICTIONS_FILE = "predictions.csv"
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
 OVERLAY_DIR = "overlays"
+logger = logging.getLogger(__name__)
+
 REJECT_COLUMNS = ["path", "reason"]
 VERDICTS = {0: "OK", 1: "NG"}
 
@@ -102,8 +110,16 @@ def collect_image_paths(
 
 
 def _no_image_files(inputs: str | Path | Sequence[str | Path]) -> NoImagesError:
-    where = ", ".join(str(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)) or "(nothing given)"
-    return NoImagesError(f"no image files found in {where}")
+    """The error for inputs without a single image file: a path that does not exist is named as such."""
+    items = [Path(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    missing = [str(item) for item in items if not item.exists()]
+    present = [str(item) for item in items if item.exists()]
+    parts = []
+    if missing:
+        parts.append(f"{'path does' if len(missing) == 1 else 'paths do'} not exist: {', '.join(missing)}")
+    if present or not items:
+        parts.append(f"no image files found in {', '.join(present) or '(nothing given)'}")
+    return NoImagesError("; ".join(parts))
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -153,6 +169,8 @@ def inspect_images(
     overlays: bool = True,
     overlay_max_side: int | None = 512,
     overlay_alpha: float = 0.5,
+    report: bool = True,
+    report_thumbnail: int = 128,
     progress: bool = True,
 ) -> InspectionResult:
     """Score every image under ``inputs`` with ``bundle`` and write the run folder ``output_dir``.
@@ -176,9 +194,14 @@ def inspect_images(
         raise ValueError(f"the threshold must be a finite number, got {decision}")
     _check_output_dir(output_dir)
     ensemble = bundle.ensemble()
+    for scorer in ensemble.patch_scorers.values():  # saved banks keep their fit-time progress setting
+        if hasattr(scorer, "set_progress"):
+            scorer.set_progress(progress)
     names = list(bundle.fusion.scorers)
     display_range = bundle.fusion.map_display_range()  # the same colours in every overlay
     rows: list[pd.DataFrame] = []
+    report_maps: list[np.ndarray] = []  # fused maps at thumbnail size, for report.html
+    report_size = capped_size(*bundle.image_size, report_thumbnail)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     with atomic_directory(output_dir) as staging:
@@ -222,6 +245,9 @@ def inspect_images(
                     files.append(relative)
                 table["overlay"] = files
             rows.append(table)
+            if report:
+                fused_maps = np.asarray(chunk.fused["anomaly_map"], np.float32)
+                report_maps.extend(ResizedMaps(fused_maps, [report_size] * len(fused_maps)))
         seconds = time.perf_counter() - started
         predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["path", "verdict", "pred_label", "pred_score"])
         rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
@@ -247,16 +273,43 @@ def inspect_images(
             "seconds": seconds,
             "images_per_second": n_images / seconds if seconds > 0 else float("nan"),
             "started": started_at,
-            "files": {"predictions": PREDICTIONS_FILE, "rejects": REJECTS_FILE, "overlays": OVERLAY_DIR if overlays else None},
+            "files": {"predictions": PREDICTIONS_FILE, "rejects": REJECTS_FILE, "overlays": OVERLAY_DIR if overlays else None,
+                      "report": None},
         }
         predictions.to_csv(staging / PREDICTIONS_FILE, index=False)
         rejects_frame.to_csv(staging / REJECTS_FILE, index=False)
+        if report and n_images:
+            page = render_html_report(
+                predictions, np.stack(report_maps), threshold=decision, title="Inspection report",
+                map_range=display_range, thumbnail_size=int(report_thumbnail), progress=progress,
+            )
+            save_html_report(staging / REPORT_FILE, page)
+            summary["files"]["report"] = REPORT_FILE
         write_json(staging / SUMMARY_FILE, json.loads(json.dumps(summary, default=float)))
+        if n_images == 0 and output_dir.exists():
+            # Raised inside the block: the staging folder is dropped and the earlier results stay.
+            raise NoImagesError(
+                f"none of the {len(paths)} image file(s) could be read ({_reasons(rejects_frame)}); "
+                f"the earlier results in {output_dir} are left as they were"
+            )
     if n_images == 0:
         raise NoImagesError(
-            f"none of the {len(paths)} image file(s) could be read; see {output_dir / REJECTS_FILE}"
+            f"none of the {len(paths)} image file(s) could be read ({_reasons(rejects_frame)}); "
+            f"see {output_dir / REJECTS_FILE}"
         )
+    logger.info(
+        "inspected %d image(s) with model %s: %d NG, %d OK, %d rejected, %.1f s; results in %s",
+        n_images, summary["model_version"] or summary["model"], n_ng, n_images - n_ng, len(rejects_frame), seconds,
+        output_dir,
+    )
     return InspectionResult(predictions, rejects_frame, summary, output_dir)
+
+
+def _reasons(rejects: pd.DataFrame, limit: int = 3) -> str:
+    """The first ``limit`` rejects as ``name: reason`` for an error message."""
+    listed = [f"{Path(str(path)).name}: {reason}" for path, reason in rejects[["path", "reason"]].head(limit).itertuples(index=False)]
+    more = len(rejects) - len(listed)
+    return "; ".join(listed) + (f"; and {more} more" if more > 0 else "")
 
 
 def run_inspection(

@@ -4,8 +4,9 @@ The scheduled retraining job (:mod:`fsad_pipeline.retrain`) retrains on new data
 questions this module answers without Kedro or DVC:
 
 * how do the champion and the challenger bundle score the *same* frozen validation set
-  (the synthetic split plus augmented labelled defects, frozen in the model store the first
-  time a model is promoted, so every later comparison uses identical images)?
+  (the synthetic split plus augmented labelled defects of the first champion's run, frozen in
+  the model store when a model is first promoted and never replaced, so every later comparison
+  uses identical images, resized to each model's working size when they differ)?
 * is the challenger not worse (image AUROC ≥ champion's − ``tolerance``)?
 
 Caveat, said in the decision record: the frozen set is synthetic (plus any labelled defects), and
@@ -22,18 +23,21 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from fsad_pipeline.artifacts import load_sample_set, save_sample_set
+from fsad_pipeline.artifacts import load_sample_set, read_json, save_sample_set, write_json
+from fsad_pipeline.data.geometry import fit_to_size
 from fsad_pipeline.evaluation.metrics import image_auroc
 from fsad_pipeline.model_store.bundle import load_bundle
 from fsad_pipeline.scoring.ensemble import score_in_chunks
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 FROZEN_VALIDATION_DIR = "frozen_validation"
+FROZEN_RECORD = "frozen.json"
 RETRAIN_LOCK = ".retrain.lock"
 
 
@@ -41,24 +45,58 @@ class RetrainBusy(RuntimeError):
     """Another retraining run holds the lock."""
 
 
-def frozen_validation(store_root: str | Path, candidate: PseudoAnomalySet) -> tuple[PseudoAnomalySet, bool]:
-    """The store's frozen validation set; frozen from ``candidate`` when there is none (or its size differs).
+def load_frozen_validation(store_root: str | Path) -> PseudoAnomalySet | None:
+    """The store's frozen validation set, or None when none has been frozen yet."""
+    folder = Path(store_root) / FROZEN_VALIDATION_DIR
+    return load_sample_set(folder) if (folder / "samples.csv").is_file() else None
 
-    Returns ``(validation set, newly_frozen)``.
+
+def freeze_validation(store_root: str | Path, validation: PseudoAnomalySet, *, source: str) -> bool:
+    """Freeze ``validation`` as the store's comparison set unless one is frozen already.
+
+    Called at the first promotion (the champion's own validation set) and never overwrites: a
+    frozen set only changes when a person deletes ``<store>/frozen_validation/``. ``source``
+    (what the set was made from) is kept in ``frozen.json``. Returns whether it froze now.
     """
     folder = Path(store_root) / FROZEN_VALIDATION_DIR
     if (folder / "samples.csv").is_file():
-        frozen = load_sample_set(folder)
-        if frozen.images.shape[1:] == candidate.images.shape[1:]:
-            return frozen, False
-    save_sample_set(folder, candidate)
-    return candidate, True
+        return False
+    save_sample_set(folder, validation)
+    write_json(folder / FROZEN_RECORD, {"frozen_at": datetime.now(timezone.utc).isoformat(), "source": source,
+                                        "images": int(len(validation)), "anomalous": int(validation.labels.sum()),
+                                        "image_size": list(validation.images.shape[1:3])})
+    return True
+
+
+def frozen_validation_record(store_root: str | Path) -> dict:
+    """``frozen.json`` of the store's frozen set (empty for sets frozen before it was written)."""
+    path = Path(store_root) / FROZEN_VALIDATION_DIR / FROZEN_RECORD
+    return read_json(path) if path.is_file() else {}
+
+
+def validation_at_size(validation: PseudoAnomalySet, image_size: tuple[int, int]) -> PseudoAnomalySet:
+    """The set brought to a model's working size (H, W): images keep their aspect (cover + centre
+    crop, as inspection does), masks follow with nearest-neighbour. The same set at the same size
+    is returned as is. A model trained at another size is compared on the *same* images resized,
+    never on a set frozen anew."""
+    size = tuple(int(v) for v in image_size)
+    if tuple(validation.images.shape[1:3]) == size:
+        return validation
+
+    def fitted(images: np.ndarray, masks: bool) -> np.ndarray:
+        resized = [fit_to_size(image, size, mask=masks) for image in images]
+        return np.stack(resized).astype(images.dtype) if resized else np.zeros((0, *size, *images.shape[3:]), images.dtype)
+
+    return replace(validation, images=fitted(validation.images, False), normals=fitted(validation.normals, False),
+                   masks=fitted(validation.masks, True)).validate()
 
 
 def bundle_validation_auroc(bundle_dir: str | Path, validation: PseudoAnomalySet, *, device: str = "cpu") -> dict:
-    """Fused image AUROC (and the mean normal / anomalous score) of a bundle on a validation set."""
+    """Fused image AUROC (and the mean normal / anomalous score) of a bundle on a validation set
+    (brought to the bundle's working size first, see :func:`validation_at_size`)."""
     bundle = load_bundle(bundle_dir, device=device)
     ensemble = bundle.ensemble()
+    validation = validation_at_size(validation, tuple(bundle.image_size))
     outputs = score_in_chunks(ensemble, validation.images)
     scores = bundle.fusion.fuse(outputs)["pred_score"]
     labels = validation.labels

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ from typing import Any
 
 from fsad_pipeline.artifacts import read_json, write_json
 from fsad_pipeline.model_store.bundle import PROMOTION_FILE, verify_bundle
+
+logger = logging.getLogger(__name__)
 
 CHAMPION_LINK = "champion"
 VERSIONS_DIR = "versions"
@@ -263,6 +266,7 @@ class ModelStore:
             write_json(final / PROMOTION_FILE, record)
             self._log({"event": "promote", "version": version, "previous": previous, "at": record["promoted_at"],
                        "decision": record["decision"]})
+            logger.info("model store %s: promoted %s to champion (previous: %s)", self.root, version, previous or "none")
             return StoreEntry(version, final, record, True)
 
     def rollback(self, decision_record: Mapping[str, Any] | None = None, *, to: str | None = None) -> StoreEntry:

@@ -485,6 +485,14 @@ class MemoryBankScorer:
         """(M, D) rows as the search index sees them (L2-normalised for the cosine distance)."""
         return F.normalize(rows, dim=1) if self.distance == "cosine" else rows
 
+    def set_progress(self, progress: bool) -> None:
+        """Show (or hide) the search's progress bars from now on (a loaded bank keeps the setting
+        it was fitted with: ``fsad-inspect --quiet`` turns it off)."""
+        self.progress = bool(progress)
+        for index in (self.index, self._unit_index):
+            if index is not None:
+                index.progress = self.progress
+
     def _set_bank_index(self, index: NearestNeighbourIndex) -> None:
         """Keep ``index`` (raw vectors) and build the normalised search index it needs."""
         self.index = index

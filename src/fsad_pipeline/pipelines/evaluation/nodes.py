@@ -61,6 +61,7 @@ def compute_metrics(
             **fusion_summary(fusion),
             "threshold": fusion["threshold"]["threshold"],
             "threshold_method": fusion["threshold"]["method"],
+            "threshold_calibration": fusion["threshold"],
             "k_shot": int(k_shot),
             "k_defect_shots": int(k_defect_shots),
             "seed": int(seed),

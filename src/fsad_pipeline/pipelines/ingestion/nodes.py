@@ -7,23 +7,20 @@ import logging
 import pandas as pd
 
 from fsad_pipeline.data.geometry import working_size_record
-from fsad_pipeline.data.layouts import discover
-from fsad_pipeline.data.manifest import build_manifest
-from fsad_pipeline.data.sampling import select_defect_shots, select_support, support_pool
+from fsad_pipeline.data.manifest import manifest_from_parameters
+from fsad_pipeline.data.sampling import check_support_pool, select_defect_shots, select_support, support_pool
 
 logger = logging.getLogger(__name__)
 
 
-def build_image_manifest(data: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Discover the category's images (materialising the textile data if chosen) and validate them."""
-    source = data["source"]
-    records = discover(source, data["root"], data["category"], **(data.get(source) or {}))
-    return build_manifest(
-        records,
-        max_pixels=int(data["max_pixels"]),
-        on_bad_image=data["on_bad_image"],
-        mask_threshold=int(data["mask_threshold"]),
-    )
+def build_image_manifest(data: dict, k_shot: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Discover the category's images (materialising the textile data if chosen) and validate them.
+
+    Fails before anything is saved when the support pool cannot give ``k_shot`` images, so the
+    manifest on disk and the support selection always describe the same drop."""
+    manifest, rejects = manifest_from_parameters(data)
+    check_support_pool(manifest, int(k_shot), rejected=len(rejects))
+    return manifest, rejects
 
 
 def select_support_shots(manifest: pd.DataFrame, k_shot: int, seed: int, rounds: int) -> dict:

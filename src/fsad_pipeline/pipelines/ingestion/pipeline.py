@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 build_image_manifest,
-                inputs="params:data",
+                inputs=["params:data", "params:k_shot"],
                 outputs=["manifest", "ingestion_rejects"],
                 name="build_image_manifest",
             ),

@@ -7,9 +7,11 @@ import pandas as pd
 
 from fsad_pipeline.classification.defect_types import DefectTypeClassifiers, bundle_component
 from fsad_pipeline.data.manifest import manifest_fingerprint
+from fsad_pipeline.model_store.champion_challenger import freeze_validation
 from fsad_pipeline.model_store.store import ModelStore, export_and_promote
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 
 def promote_model(
@@ -19,6 +21,7 @@ def promote_model(
     fusion: dict,
     support_images: np.ndarray,
     metrics: dict,
+    fusion_validation: PseudoAnomalySet,
     manifest: pd.DataFrame,
     config_version: int,
     winclip: dict,
@@ -29,9 +32,12 @@ def promote_model(
 
     No comparison happens here (that is the retraining job's decision): an existing champion
     is only replaced when ``promotion.replace_champion`` is true, and it stays in the store.
+    The first promotion freezes this run's validation set as the store's comparison set for
+    every later retraining (never replaced afterwards).
     """
+    store = ModelStore(model_store["root"])
     entry = export_and_promote(
-        ModelStore(model_store["root"]),
+        store,
         {"kind": "manual", "reason": promotion["reason"], "image_auroc": metrics.get("image_auroc")},
         replace_champion=bool(promotion["replace_champion"]),
         dfd_model=dfd_model,
@@ -44,4 +50,5 @@ def promote_model(
         metrics=metrics,
         data_fingerprint=manifest_fingerprint(manifest),
     )
-    return {**entry.record, "path": str(entry.path)}
+    frozen = freeze_validation(store.root, fusion_validation, source=f"the run promoted as {entry.version}")
+    return {**entry.record, "path": str(entry.path), "froze_validation": frozen}

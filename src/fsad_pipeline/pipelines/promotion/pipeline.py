@@ -15,6 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "fusion",
                     "support_images",
                     "metrics",
+                    "fusion_validation",
                     "manifest",
                     "params:config_version",
                     "params:winclip",

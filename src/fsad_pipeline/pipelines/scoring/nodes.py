@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from fsad_pipeline.data.geometry import as_hw
-from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set
+from fsad_pipeline.data.sampling import calibration_paths, defect_shot_paths, evaluation_set
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.scoring.batch import score_paths
 from fsad_pipeline.scoring.calibration import calibrate_threshold
@@ -38,23 +38,28 @@ def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, dev
 
 def fit_score_fusion(
     dfd_model: DFDScorer,
+    patch_scorers: PatchScorerSet,
     patch_validation: dict,
     support_images: np.ndarray,
     fusion_validation: PseudoAnomalySet,
+    manifest: pd.DataFrame | None,
+    support_selection: dict | None,
     fusion: dict,
     threshold: dict,
     winclip: dict,
+    data: dict,
     image_size: int,
     seed: int,
     device: str,
 ) -> dict:
-    """Per-scorer normalisation, fusion weights and the decision threshold, all on validation data.
+    """Per-scorer normalisation and fusion weights on validation data, then the decision threshold.
 
     The validation set is the synthetic split plus augmented labelled defect shots (when any).
     The patch scorers' validation outputs come from the memory_bank stage (leave-one-out);
     the image scorers (DFD, WinCLIP) score the validation images here. The record's
     ``validation`` holds the per-scorer and fused validation AUROCs (and per pseudo-anomaly
-    family when the validation set carries a ``family`` array) next to the row counts.
+    family when the validation set carries a ``family`` array) next to the row counts. The
+    threshold comes from real good images the model never saw (:func:`calibrate_decision`).
     """
     ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device, with_dfd=False)
     outputs = {
@@ -83,13 +88,17 @@ def fit_score_fusion(
         in_sample=[] if fusion.get("in_sample_alone", False) else [n for n, held in held_out.items() if not held],
         **options,
     )
-    # The threshold is calibrated on the fused score's own scale (normal-spread units).
-    fused = fitted.fuse(outputs)
-    decision = calibrate_threshold(
-        labels,
-        fused["pred_score"],
-        method=threshold["method"],
-        target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
+    calibration = (
+        calibration_paths(manifest, support_selection, count=int(threshold.get("calibration_images", 0)), seed=int(seed))
+        if manifest is not None and support_selection is not None else []
+    )
+    calibration_scores = None
+    if calibration:
+        scorers = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fitted)
+        calibration_scores = score_paths(scorers, calibration, max_pixels=int(data["max_pixels"]), progress=False)["pred_scores"]
+    decision = calibrate_decision(
+        fitted.fuse(outputs)["pred_score"], fusion_validation, calibration_scores,
+        method=threshold["method"], target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
     )
     record = fitted.to_dict()
     record["validation"].update(
@@ -101,6 +110,36 @@ def fit_score_fusion(
         }
     )
     return {**record, "threshold": decision, "scorers": fitted.scorers}
+
+
+def calibrate_decision(
+    validation_scores: np.ndarray,
+    validation: PseudoAnomalySet,
+    calibration_scores: np.ndarray | None,
+    *,
+    method: str,
+    target_false_alarm_rate: float,
+) -> dict:
+    """The deployed threshold, from real images only (the synthetic anomalies never set it).
+
+    Good images: the calibration images of the support pool (``calibration_scores``), else the
+    support images themselves as the validation scores them, held out (one row per support).
+    ``f1_max`` adds the labelled defect views (real defects, each scored without its own shot)
+    as positives; without any it falls back to the target false-alarm rate.
+    """
+    scores = np.asarray(validation_scores, dtype=np.float64)
+    if calibration_scores is not None and len(calibration_scores):
+        normals, source = np.asarray(calibration_scores, dtype=np.float64), "support pool (good images never fitted on)"
+    else:
+        rows = np.flatnonzero(validation.labels == 0)
+        _, first = np.unique(validation.source_index[rows], return_index=True)
+        normals, source = scores[rows[first]], "held-out supports (one row per support image)"
+    defects = scores[(validation.defect_shot >= 0) & (validation.labels == 1)]
+    labels = np.r_[np.zeros(normals.size, int), np.ones(defects.size if method != "target_fpr" else 0, int)]
+    values = np.r_[normals, defects if method != "target_fpr" else np.zeros(0)]
+    decision = calibrate_threshold(labels, values, method=method, target_false_alarm_rate=target_false_alarm_rate)
+    decision.setdefault("target_false_alarm_rate", float(target_false_alarm_rate))
+    return {**decision, "calibration_source": source, "real_defect_views": int(defects.size)}
 
 
 def score_test_images(
