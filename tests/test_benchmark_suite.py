@@ -118,3 +118,23 @@ def test_run_parameters_are_the_project_conf_with_the_runtime_overrides(tmp_path
     assert params["data"]["source"] == "mvtec" and params["data"]["category"] == "tire"
     assert params["data"]["max_pixels"] > 0  # the rest of the data block is kept
     assert params["k_shot"] == 4 and params["memory_bank"]["map_sigma"] > 0
+
+
+def test_the_deployed_threshold_is_checked_against_the_target_false_alarm_rate():
+    """Issue 18: per dataset, the false-alarm rate on good test images at the deployed threshold
+    within 0.05 of the target (only where there are enough good test images to tell)."""
+    from fsad_pipeline.benchmark.suite import far_check
+
+    def with_decision(record, far, miss, good):
+        return {**record, "decision": {"method": "target_fpr", "target_false_alarm_rate": 0.05, "false_alarm_rate": far,
+                                       "miss_rate": miss, "good_test_images": good}}
+
+    tire = [with_decision(RUNS[0], 0.06, 0.3, 25), with_decision(RUNS[1], 0.12, 0.2, 25)]
+    check = far_check(tire)
+    assert check["false_alarm_rate"] == pytest.approx(0.09) and check["miss_rate"] == pytest.approx(0.25)
+    assert check["met"] is True and check["methods"] == ["target_fpr"]
+    assert far_check([with_decision(RUNS[0], 0.5, 0.1, 25)])["met"] is False
+    assert far_check([with_decision(RUNS[2], 0.5, 0.1, 3)])["met"] is None  # 3 good images cannot tell
+    assert far_check(RUNS[:1])["met"] is None  # a run without the record
+    table = suite_markdown(tire)
+    assert "| tire | 2 | target_fpr | 0.090 | 0.050 | 0.250 | 25 | yes |" in table

@@ -68,15 +68,26 @@ def test_support_folds_split_the_supports_into_disjoint_groups():
     assert sorted(i for g in groups for i in g) == list(range(7)) and {len(g) for g in groups} <= {2, 3}
 
 
-@pytest.fixture
-def cross_fitted(datasets):
+def _cross_fit(datasets, scoring):
     rng = np.random.default_rng(3)
     train, validation = datasets.pseudo_anomaly_set(rng, 8, 32), datasets.pseudo_anomaly_set(rng, 8, 32)
     features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=32, batch_size=8)
     config = DFDTrainConfig(meta_epochs=1, epochs=1, gaussian_hidden=16, seed=0)
     scorer = DFDScorer.fit(train, validation, features=features, train_config=config, cross_fit_folds=2,
-                           device="cpu", progress=False)
+                           cross_fit_scoring=scoring, device="cpu", progress=False)
     return scorer, validation
+
+
+@pytest.fixture
+def cross_fitted(datasets):
+    """Validators only: new images get their mean map."""
+    return _cross_fit(datasets, "members")
+
+
+@pytest.fixture
+def with_full_member(datasets):
+    """Validators plus a scoring member trained on every support (the default)."""
+    return _cross_fit(datasets, "full")
 
 
 def test_cross_fitted_members_never_see_the_supports_they_score(cross_fitted):
@@ -142,3 +153,23 @@ def test_a_member_folder_outside_the_model_folder_is_refused(cross_fitted, tmp_p
     (tmp_path / "dfd" / SCORER_CONFIG_FILE).write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="outside the model folder"):
         DFDScorer.load(tmp_path / "dfd", device="cpu")
+
+
+def test_the_default_scores_new_images_with_a_member_trained_on_every_support(with_full_member):
+    scorer, validation = with_full_member
+    assert [m.held_out for m in scorer.members] == [[0], [1], []] and scorer.cross_fitted
+    assert [m.held_out for m in scorer.scoring_members] == [[]]
+    low, high = scorer._features(validation.images)
+    full = scorer._member_outputs(scorer.members[2], low, high)
+    np.testing.assert_allclose(scorer.score(validation.images)["pred_score"], full["pred_score"].numpy(), rtol=1e-6)
+    held_out = scorer.score_held_out(validation.images, validation.source_index)
+    for member in scorer.members[:2]:  # validation rows: still the validator that never saw them
+        rows = np.flatnonzero(np.isin(validation.source_index, member.held_out))
+        own = scorer._member_outputs(member, low[torch.from_numpy(rows)], high[torch.from_numpy(rows)])
+        np.testing.assert_allclose(held_out["pred_score"][rows], own["pred_score"].numpy(), rtol=1e-5, atol=1e-6)
+    assert len(scorer.info["best_meta_epoch"]) == 3 and {h["member"] for h in scorer.history} == {0, 1, 2}
+
+
+def test_an_unknown_cross_fit_scoring_is_refused(datasets):
+    with pytest.raises(ValueError, match="cross_fit_scoring"):
+        _cross_fit(datasets, "average")

@@ -133,6 +133,9 @@ def suite_run(
         "validation_fused": (metrics.get("validation") or {}).get("fused") or None,
         "image_auroc_per_defect_type": {FUSED: metrics.get("image_auroc_per_defect_type"),
                                         **{name: out.get("image_auroc_per_defect_type") for name, out in references.items()}},
+        # What the deployed threshold does on the test images (issue 18): the false-alarm rate on
+        # the good ones against the configured target, the miss rate on the defects.
+        "decision": _decision(metrics),
         "wall_seconds": metrics.get("wall_seconds"),
         "train_seconds": metrics.get("train_seconds"),
         "score_images_per_second": metrics.get("score_images_per_second"),
@@ -140,6 +143,39 @@ def suite_run(
         "image_size": metrics.get("image_size"),
         "backbone": metrics.get("backbone"),
     }
+
+
+def _decision(metrics: dict[str, Any]) -> dict[str, Any]:
+    calibration = metrics.get("threshold_calibration") or {}
+    confusion = metrics.get("confusion_at_threshold") or {}
+    return {
+        "method": calibration.get("method") or metrics.get("threshold_method"),
+        "target_false_alarm_rate": calibration.get("target_false_alarm_rate"),
+        "expected_false_alarm_rate": calibration.get("expected_false_alarm_rate"),
+        "calibration_normals": calibration.get("calibration_normals"),
+        "false_alarm_rate": metrics.get("false_alarm_rate"),
+        "miss_rate": metrics.get("miss_rate"),
+        "good_test_images": (confusion.get("false_positive", 0) + confusion.get("true_negative", 0)) if confusion else None,
+    }
+
+
+#: Issue 18: at the deployed threshold the false-alarm rate on good test images lies within this of
+#: the configured target, on datasets with at least FAR_MIN_GOOD good test images (fewer cannot tell).
+FAR_TOLERANCE, FAR_MIN_GOOD = 0.05, 20
+
+
+def far_check(group: list[dict]) -> dict[str, Any]:
+    """Mean false-alarm and miss rates over seeds at the deployed threshold, against the target."""
+    decisions = [r.get("decision") or {} for r in group]
+    far = _mean([float(d["false_alarm_rate"]) for d in decisions if d.get("false_alarm_rate") is not None])
+    miss = _mean([float(d["miss_rate"]) for d in decisions if d.get("miss_rate") is not None])
+    target = next((d["target_false_alarm_rate"] for d in decisions if d.get("target_false_alarm_rate") is not None), None)
+    good = min((int(d["good_test_images"]) for d in decisions if d.get("good_test_images") is not None), default=None)
+    enough = good is not None and good >= FAR_MIN_GOOD
+    met = None if far is None or target is None or not enough else bool(abs(far - target) <= FAR_TOLERANCE)
+    methods = sorted({str(d.get("method")) for d in decisions if d.get("method")})
+    return {"false_alarm_rate": far, "miss_rate": miss, "target": target, "good_test_images": good, "met": met,
+            "methods": methods}
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +285,7 @@ def summary(runs: list[dict]) -> list[dict]:
         methods = {method: {m: _stats(_values(group, method, m)) for m in METRICS}
                    for method in (FUSED, *_scorer_names(group), *REFERENCES)}
         rows.append({"dataset": dataset, "k_shot": k, "seeds": sorted(r["seed"] for r in group), "methods": methods,
-                     "ranking": ranking(group), "target": target_check(group)})
+                     "ranking": ranking(group), "target": target_check(group), "decision": far_check(group)})
     return rows
 
 
@@ -283,6 +319,16 @@ def suite_markdown(runs: list[dict]) -> str:
         met = "n/a" if check["met"] is None else ("yes" if check["met"] else "**no**")
         lines.append(f"| {dataset} | {k} | {_fmt(check['fused'])} | {best} | {_fmt(check['plain'])} | "
                      f"{_fmt(check['bar'])} | {met} |")
+    lines += ["", f"## At the deployed threshold (mean over seeds; target met: false-alarm rate within "
+              f"{FAR_TOLERANCE:g} of the target with >= {FAR_MIN_GOOD} good test images)", "",
+              "| dataset | k | method | false-alarm rate (good) | target | miss rate (defects) | good test images | met |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (dataset, k), group in groups.items():
+        check = far_check(group)
+        met = "n/a" if check["met"] is None else ("yes" if check["met"] else "**no**")
+        good = "n/a" if check["good_test_images"] is None else str(check["good_test_images"])
+        lines.append(f"| {dataset} | {k} | {', '.join(check['methods']) or 'n/a'} | {_fmt(check['false_alarm_rate'])} | "
+                     f"{_fmt(check['target'])} | {_fmt(check['miss_rate'])} | {good} | {met} |")
     lines += ["", "## Cost (mean over seeds)", "",
               "| dataset | k | wall s | train s | scoring img/s | peak RSS GiB | plain reference s |",
               "|---|---|---|---|---|---|---|"]

@@ -6,16 +6,20 @@ adaptor and discriminators on them, selects the meta-epoch and freezes the map n
 the synthetic validation split, and calibrates the decision threshold there too.
 
 **Cross-fitting** (``cross_fit_folds`` >= 2 and at least two support images): the supports are
-split into that many groups and one DFD *member* is trained per group on every other group's
-samples (it selects its meta-epoch and freezes its normalisation on the validation rows of
-those same supports, as a single model does on all of them), then scores the validation rows
+split into that many groups and one DFD *validator* member is trained per group on every other
+group's samples (it selects its meta-epoch and freezes its normalisation on the validation rows
+of those same supports, as a single model does on all of them), then scores the validation rows
 made from its left-out group. The validation rows therefore get *held-out* DFD scores (the
 model that scores a row never saw the support image the row was made from), as the memory-bank
 scorers' leave-one-support-out scores are: a single DFD model trained on every support scores its
 own supports in-sample, and measured on the real-data suite its validation then ranked it first
-on every object category while the test ranked it first on none. New images are scored by the
-mean of the members' maps. With two folds the training costs what one model on every support
-costs (each member sees half the samples).
+on every object category while the test ranked it first on none.
+
+New images are scored by the *scoring* members: with ``cross_fit_scoring: full`` (default) one
+more member trained on every support, as without cross-fitting (training then costs about twice
+one model at two folds); with ``members`` the validators' mean map (no extra training, but at
+k = 2 each validator learns from one image: textile test image AUROC 0.687 against 0.785 for
+the model that sees both).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 SCORER_CONFIG_FILE = "scorer.json"
 #: Sub-folder of member ``i`` of a cross-fitted scorer.
 MEMBER_DIR = "member_{}"
+#: What scores new images after cross-fitting: a member on every support, or the validators' mean.
+CROSS_FIT_SCORING = ("full", "members")
 
 
 @dataclass
@@ -100,7 +106,7 @@ class DFDMember:
 
     model: DFDModel
     stats: NormalizationStats
-    held_out: list[int] = field(default_factory=list)  # support indices left out of its training
+    held_out: list[int] = field(default_factory=list)  # support indices left out of its training (a validator)
 
 
 def support_folds(n_supports: int, folds: int | None) -> list[list[int]]:
@@ -117,7 +123,7 @@ def support_folds(n_supports: int, folds: int | None) -> list[list[int]]:
 
 @dataclass
 class DFDScorer:
-    """A fitted DFD scorer: one member, or several cross-fitted members whose maps are averaged."""
+    """A fitted DFD scorer: its scoring member(s) (maps averaged) and any cross-fitted validators."""
 
     features: FeatureConfig
     members: list[DFDMember]
@@ -145,8 +151,13 @@ class DFDScorer:
 
     @property
     def cross_fitted(self) -> bool:
-        """Whether every member left some supports out (validation rows get held-out scores)."""
-        return len(self.members) > 1 and all(member.held_out for member in self.members)
+        """Whether validators left supports out (validation rows get held-out scores)."""
+        return any(member.held_out for member in self.members)
+
+    @property
+    def scoring_members(self) -> list[DFDMember]:
+        """The members that score new images: those trained on every support, else all of them."""
+        return [m for m in self.members if not m.held_out] or list(self.members)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -160,15 +171,19 @@ class DFDScorer:
         threshold_method: str = "f1_max",
         target_false_alarm_rate: float = 0.05,
         cross_fit_folds: int | None = None,
+        cross_fit_scoring: str = "full",
         device: str = "auto",
         progress: bool = True,
         extractor: PatchFeatureExtractor | None = None,
     ) -> DFDScorer:
-        """Train one member, or ``cross_fit_folds`` cross-fitted members (see the module docstring).
+        """Train one member, or ``cross_fit_folds`` cross-fitted validators plus (``cross_fit_scoring``
+        ``full``) one member on every support (see the module docstring).
 
         The samples' ``source_index`` says which support image each row was made from. Features
         of every sample are extracted once and shared by the members.
         """
+        if cross_fit_scoring not in CROSS_FIT_SCORING:
+            raise ValueError(f"cross_fit_scoring must be one of {CROSS_FIT_SCORING}, got {cross_fit_scoring!r}")
         torch_device = select_device(device)
         extractor = extractor or features.build_extractor()
         started = time.perf_counter()
@@ -177,6 +192,8 @@ class DFDScorer:
         feature_seconds = time.perf_counter() - started
         n_supports = int(max(train_samples.source_index.max(initial=-1), validation_samples.source_index.max(initial=-1))) + 1
         groups = support_folds(n_supports, cross_fit_folds)
+        if groups != [[]] and cross_fit_scoring == "full":
+            groups.append([])  # the scoring member, trained on every support
         members: list[DFDMember] = []
         history: list[dict] = []
         best_epochs: list[int] = []
@@ -195,7 +212,8 @@ class DFDScorer:
                 raise ValueError(f"cross-fit fold {index} (supports {held_out}) has no training or validation rows")
             fold_train = train.subset(train_rows)
             if len(groups) > 1:
-                logger.info("DFD member %d/%d: trained without supports %s", index + 1, len(groups), held_out)
+                role = f"validator without supports {held_out}" if held_out else "scoring member on every support"
+                logger.info("DFD member %d/%d: %s", index + 1, len(groups), role)
             result: TrainResult = train_dfd(
                 fold_train, train_config, validation=validation.subset(select_rows), device=torch_device,
                 progress=progress,
@@ -204,8 +222,9 @@ class DFDScorer:
                 result.model, validation.low[val_rows], validation.high[val_rows], result.map_generator,
                 result.stats, device=torch_device,
             )
-            outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
-            outputs["pred_score"][val_rows] = scored["pred_score"]
+            if held_out or len(groups) == 1:  # a scoring member beside validators scores no validation row
+                outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
+                outputs["pred_score"][val_rows] = scored["pred_score"]
             members.append(DFDMember(result.model.cpu(), result.stats, list(held_out)))
             history.extend({**record, "member": index} for record in result.history)
             best_epochs.append(result.best_meta_epoch)
@@ -253,12 +272,13 @@ class DFDScorer:
         return score_dfd(member.model, low, high, self._generator, member.stats, device=select_device(self.device))
 
     def _mean_outputs(self, low: torch.Tensor, high: torch.Tensor) -> ScoreBatch:
-        """The members' mean map; image score = its maximum (a single member: exactly its own output)."""
-        if len(self.members) == 1:
-            outputs = self._member_outputs(self.members[0], low, high)
+        """The scoring members' mean map; image score = its maximum (one member: exactly its own output)."""
+        members = self.scoring_members
+        if len(members) == 1:
+            outputs = self._member_outputs(members[0], low, high)
             maps, scores = outputs["anomaly_map"], outputs["pred_score"]
         else:
-            maps = torch.stack([self._member_outputs(m, low, high)["anomaly_map"] for m in self.members]).mean(dim=0)
+            maps = torch.stack([self._member_outputs(m, low, high)["anomaly_map"] for m in members]).mean(dim=0)
             scores = maps.flatten(1).amax(dim=1)
         return {"anomaly_map": maps.numpy().astype(np.float32), "pred_score": scores.numpy().astype(np.float32)}
 
@@ -268,11 +288,11 @@ class DFDScorer:
         return self._mean_outputs(low, high)
 
     def score_held_out(self, images: np.ndarray, sources: Sequence[int]) -> ScoreBatch:
-        """Score validation images, each by the member that never saw its support image.
+        """Score validation images, each by the validator that never saw its support image.
 
         ``sources[i]`` is the support image row ``i`` was made from (−1: none, e.g. a labelled
-        defect view); rows no member held out (and every row of a scorer that is not
-        cross-fitted) get the members' mean, as :meth:`score` gives.
+        defect view); rows no validator held out (and every row of a scorer that is not
+        cross-fitted) are scored as :meth:`score` scores new images.
         """
         sources = np.asarray(sources, dtype=np.int64)
         if len(sources) != len(images):
@@ -281,7 +301,7 @@ class DFDScorer:
         result = self._mean_outputs(low, high)
         if not self.cross_fitted:
             return result
-        for member in self.members:
+        for member in (m for m in self.members if m.held_out):
             rows = np.flatnonzero(np.isin(sources, member.held_out))
             if rows.size:
                 index = torch.from_numpy(rows)

@@ -30,13 +30,14 @@ def train_dfd_model(
 ) -> tuple[DFDScorer, list[dict], Figure]:
     # Deterministic on CPU: same seed + data -> same weights and scores.
     torch.use_deterministic_algorithms(True, warn_only=True)
-    options = {key: value for key, value in dfd.items() if key != "cross_fit_folds"}
+    options = {key: value for key, value in dfd.items() if key not in ("cross_fit_folds", "cross_fit_scoring")}
     scorer = DFDScorer.fit(
         pseudo_anomalies,
         synthetic_validation,
         features=feature_config(backbone, image_size, features),
         train_config=DFDTrainConfig.from_dict({**options, "seed": int(seed)}),
         cross_fit_folds=dfd.get("cross_fit_folds"),
+        cross_fit_scoring=dfd.get("cross_fit_scoring", "full"),
         threshold_method=threshold["method"],
         target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
         device=device,
