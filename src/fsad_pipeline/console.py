@@ -137,6 +137,76 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``fsad-serve``: the HTTP inspection service on the champion (see :mod:`fsad_pipeline.inspection.service`).
+
+    Defaults come from the project's ``serve`` and ``inference`` parameters. Exit status: 2 bad
+    usage (including a public bind address without ``FSAD_SERVE_TOKEN``), 3 missing or broken model.
+    """
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog="fsad-serve",
+        description="Serve verdicts over HTTP: POST /inspect (one image), POST /inspect/batch, GET /health, GET /model. "
+        "The champion is loaded once and swapped in when a new one is promoted.",
+    )
+    parser.add_argument("--host", help="bind address (default 127.0.0.1; another one needs FSAD_SERVE_TOKEN)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--model", help=f"model folder (default: the project's inference.model_dir, else {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--project", type=Path, default=None, help="project folder whose conf gives defaults")
+    parser.add_argument("--device", help="auto | cpu | cuda (default: the project's device, else cpu)")
+    parser.add_argument("--max-batch", type=_positive_int, help="images scored in one forward (default 8)")
+    parser.add_argument("--max-wait-ms", type=float, help="how long a request waits for company (default 10)")
+    parser.add_argument("--queue-size", type=_positive_int, help="requests waiting before 503 (default 32)")
+    parser.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default 20)")
+    parser.add_argument("--reload-interval", type=float, help="seconds between champion checks (default 2; 0: never)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it found is noise here
+
+    project = args.project if args.project is not None else Path.cwd()
+    params = _project_parameters(project) or {}
+    serve = dict(params.get("serve") or {})
+    inference = dict(params.get("inference") or {})
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        return flag if flag is not None else serve.get(key, default)
+
+    model = args.model or inference.get("model_dir") or DEFAULT_MODEL_DIR
+    model_dir = Path(model) if Path(model).is_absolute() or args.model else project / model
+
+    from fsad_pipeline.inspection.service import TOKEN_ENV, ServiceSettings, check_bind, create_app
+    from fsad_pipeline.model_store.bundle import BundleError
+
+    settings = ServiceSettings(
+        model_dir=model_dir,
+        host=str(pick(args.host, "host", "127.0.0.1")),
+        token=os.environ.get(TOKEN_ENV) or None,
+        device=str(args.device or params.get("device") or "auto"),
+        max_batch=int(pick(args.max_batch, "max_batch", 8)),
+        max_wait_ms=float(pick(args.max_wait_ms, "max_wait_ms", 10.0)),
+        queue_size=int(pick(args.queue_size, "queue_size", 32)),
+        max_body_bytes=int(float(pick(args.max_body_mb, "max_body_mb", 20.0)) * 2**20),
+        max_pixels=int((params.get("data") or {}).get("max_pixels") or 40_000_000),
+        reload_interval=float(pick(args.reload_interval, "reload_interval", 2.0)),
+        overlay_max_side=inference.get("overlay_max_side", 1024),
+        overlay_alpha=float(inference.get("overlay_alpha", 0.5)),
+    )
+    try:
+        check_bind(settings.host, settings.token)
+        app = create_app(settings)
+    except ValueError as error:
+        print(f"fsad-serve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BundleError, FileNotFoundError) as error:
+        print(f"fsad-serve: error: {error}", file=sys.stderr)
+        return EXIT_MODEL
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=int(pick(args.port, "port", 8000)), log_level="info", access_log=False)
+    return EXIT_OK
+
+
 if __name__ == "__main__":
     sys.exit(inspect_main())
 

@@ -26,6 +26,12 @@ seconds, predict img/s, peak RSS, image / pixel AUROC, the ratios); results in
 ``<out>/speed.{json,md}`` (see :mod:`fsad_pipeline.benchmark.peer`; anomalib: ``pip install -e ".[compare]"``).
 
     python -m fsad_pipeline.benchmark --speed --dataset metal_plate --ks 2 --seeds 0
+
+``--serve`` load-tests the HTTP inspection service: a real ``fsad-serve`` child process on
+loopback, 1, 4 and 16 concurrent httpx clients, bad inputs mixed in, the server killed and
+restarted midway; results in ``<out>/serve.{json,md}`` (see :mod:`fsad_pipeline.benchmark.serve`).
+
+    python -m fsad_pipeline.benchmark --serve [--model models/champion] [--requests 500]
 """
 
 from __future__ import annotations
@@ -77,6 +83,17 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``--serve``: the load test of ``fsad-serve`` on ``--model`` (or the champion)."""
+    from fsad_pipeline.benchmark.serve import champion_for_benchmark, serve_benchmark, serve_markdown
+
+    scratch = args.workdir or Path(tempfile.mkdtemp(prefix="fsad-serve-benchmark-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    record = serve_benchmark(champion_for_benchmark(args.model, scratch), args.out, requests=args.requests)
+    print(serve_markdown(record))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="default 1 2 4 (--speed: 2)")
@@ -104,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="textile",
                         help="speed: textile, kolektorsdd or a base category (grid, juice_bottle, metal_plate, tire)")
     parser.add_argument("--no-peer", action="store_true", help="speed: skip the anomalib PatchCore peer")
+    parser.add_argument("--serve", action="store_true", help="load-test the HTTP inspection service (fsad-serve)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serve: the model folder (default: models/champion, else the default run promoted)")
+    parser.add_argument("--requests", type=int, default=500, help="serve: requests per concurrency level")
     args = parser.parse_args(argv)
+
+    if args.serve:
+        return _serve(args)
 
     if args.speed:
         return _speed(args)

@@ -9,6 +9,7 @@ decompression bombs, and converts whatever it finds (grayscale, palette, RGBA, 1
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import warnings
 from collections.abc import Iterator
@@ -71,17 +72,22 @@ def _open_fully(path: Path, max_pixels: int) -> Image.Image:
         raise BadImageError(path, "file does not exist")
     if path.stat().st_size == 0:
         raise BadImageError(path, "zero-byte file")
+    return _decode(path, path, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str | Path, max_pixels: int) -> Image.Image:
+    """Open ``source`` (a file or an in-memory buffer), check the pixel guard, decode everything."""
     try:
         with warnings.catch_warnings():
             # PIL warns (and errors at 2x its own MAX_IMAGE_PIXELS, when the header is read) for
             # big images; the guard that counts is data.max_pixels, applied below, not PIL's.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with _pil_guard_off():
-                image = Image.open(path)
+                image = Image.open(source)
             width, height = image.size
             if width * height > max_pixels:
                 raise BadImageError(
-                    path,
+                    name,
                     f"{width}x{height} = {width * height} pixels exceeds the decompression-bomb "
                     f"guard of {max_pixels} pixels (raise data.max_pixels if this is intended)",
                 )
@@ -89,7 +95,7 @@ def _open_fully(path: Path, max_pixels: int) -> Image.Image:
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImageError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+        raise BadImageError(name, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     return image
 
 
@@ -109,11 +115,11 @@ def _to_uint8(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     return np.round(np.nan_to_num(scaled) * 255).astype(np.uint8)
 
 
-def _png_significant_bits(path: Path) -> int | None:
+def _png_significant_bits(source: Path | bytes) -> int | None:
     """The significant bits a PNG declares in its ``sBIT`` chunk (e.g. 12 for a 12-bit camera
     image stored in 16 bits), or None when it has none. PIL does not read this chunk."""
     try:
-        with open(path, "rb") as handle:
+        with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as handle:
             if handle.read(8) != b"\x89PNG\r\n\x1a\n":
                 return None
             while True:
@@ -131,7 +137,7 @@ def _png_significant_bits(path: Path) -> int | None:
         return None
 
 
-def declared_bit_depth(image: Image.Image, path: Path) -> int | None:
+def declared_bit_depth(image: Image.Image, path: Path | bytes) -> int | None:
     """The bit depth a deep (16-bit or 32-bit integer) grayscale image declares: the PNG ``sBIT``
     significant bits, else its container (16 for ``I;16*``; ``I`` from a PNG: 16, PNG's maximum;
     otherwise 32). None for other modes."""
@@ -156,12 +162,26 @@ def read_image_with_note(
 ) -> tuple[np.ndarray, str]:
     """Like :func:`read_image`, also returning a note such as ``"converted from I;16"``."""
     path = Path(path)
-    image = _open_fully(path, max_pixels)
+    return _to_rgb(_open_fully(path, max_pixels), path, path)
+
+
+def decode_image_with_note(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload"
+) -> tuple[np.ndarray, str]:
+    """:func:`read_image_with_note` for an encoded image held in memory (an HTTP upload): the same
+    guard, full decode and conversion to 8-bit RGB; problems raise :class:`BadImageError` named ``name``."""
+    if not data:
+        raise BadImageError(name, "zero-byte file")
+    return _to_rgb(_decode(io.BytesIO(data), name, max_pixels), data, name)
+
+
+def _to_rgb(image: Image.Image, source: Path | bytes, name: str | Path) -> tuple[np.ndarray, str]:
+    """A decoded image as uint8 H×W×3 RGB and the conversion note (``source``: for the bit depth)."""
     mode = image.mode
     if mode in ("RGB",):
         array = np.asarray(image, dtype=np.uint8)
     elif mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
-        gray = _to_uint8(np.asarray(image), declared_bit_depth(image, path))
+        gray = _to_uint8(np.asarray(image), declared_bit_depth(image, source))
         array = np.repeat(gray[..., None], 3, axis=2)
     elif mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in image.info):
         # Alpha is dropped: industrial captures carry no meaningful transparency.
@@ -169,7 +189,7 @@ def read_image_with_note(
     else:  # L, 1, P, CMYK, YCbCr, ...
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise BadImageError(path, f"unexpected decoded shape {array.shape}")
+        raise BadImageError(name, f"unexpected decoded shape {array.shape}")
     note = "" if mode == "RGB" else f"converted from {mode}"
     return np.ascontiguousarray(array), note
 

@@ -36,7 +36,7 @@ from fsad_pipeline.data.layouts import ANNOTATION_FOLDERS
 from fsad_pipeline.evaluation.figures import heatmap_overlay_image
 from fsad_pipeline.evaluation.html_report import render_html_report, save_html_report
 from fsad_pipeline.model_store.bundle import CLASSIFIER_COLUMNS, ModelBundle
-from fsad_pipeline.scoring.batch import ScoredChunk, iter_scored_chunks
+from fsad_pipeline.scoring.batch import iter_scored_chunks
 
 PREDICTIONS_FILE = "predictions.csv"
 REJECTS_FILE = "rejects.csv"
@@ -131,7 +131,7 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
-def _overlay_size(original: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+def overlay_size(original: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     height, width = original
     if not max_side or max(height, width) <= max_side:
         return height, width
@@ -139,16 +139,21 @@ def _overlay_size(original: tuple[int, int], max_side: int | None) -> tuple[int,
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _classify(bundle: ModelBundle, chunk: ScoredChunk, flagged: np.ndarray) -> dict[str, np.ndarray] | None:
+def classify_flagged(
+    bundle: ModelBundle, images: np.ndarray, anomaly_maps: np.ndarray, flagged: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """The bundle's defect type of each flagged image (columns of :data:`CLASSIFIER_COLUMNS`,
+    empty for the others), or None when the bundle has no classifier."""
     if bundle.classifier is None:
         return None
+    count = len(images)
     columns = {
-        "pred_defect_type": np.full(len(chunk), "", dtype=object),
-        "pred_defect_probability": np.full(len(chunk), np.nan),
-        "runner_up_defect_type": np.full(len(chunk), "", dtype=object),
+        "pred_defect_type": np.full(count, "", dtype=object),
+        "pred_defect_probability": np.full(count, np.nan),
+        "runner_up_defect_type": np.full(count, "", dtype=object),
     }
     if flagged.any():
-        predicted = bundle.classifier.predict(chunk.images[flagged], np.asarray(chunk.fused["anomaly_map"])[flagged])
+        predicted = bundle.classifier.predict(images[flagged], np.asarray(anomaly_maps)[flagged])
         for name in CLASSIFIER_COLUMNS:
             values = np.asarray(predicted[name])
             if values.shape[0] != int(flagged.sum()):
@@ -214,7 +219,7 @@ def inspect_images(
                 continue
             scores = np.asarray(chunk.fused["pred_score"], dtype=np.float64)
             labels = (scores >= decision).astype(int)
-            defect = _classify(bundle, chunk, labels == 1)
+            defect = classify_flagged(bundle, chunk.images, chunk.fused["anomaly_map"], labels == 1)
             table = pd.DataFrame(
                 {
                     "path": chunk.paths,
@@ -239,7 +244,7 @@ def inspect_images(
                     image = heatmap_overlay_image(
                         chunk.images[row], chunk.fused["anomaly_map"][row], alpha=float(overlay_alpha),
                         **dict(zip(("vmin", "vmax"), display_range)),
-                        size=_overlay_size(chunk.original_sizes[row], overlay_max_side), caption=caption,
+                        size=overlay_size(chunk.original_sizes[row], overlay_max_side), caption=caption,
                     )
                     write_png(staging / relative, image)
                     files.append(relative)
