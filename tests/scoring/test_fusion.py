@@ -300,3 +300,24 @@ def test_few_normals_take_their_score_scale_from_their_pixels():
     assert many.sources["score"] == "normals"  # enough normals: their own quantile
     with pytest.raises(ValueError, match="score_scale"):
         ScoreStats.from_normals(maps, scores, labels == 0, score_scale="minmax")
+
+
+def test_real_defect_views_weigh_as_much_as_the_many_pseudo_anomalies():
+    """40 pseudo-anomalies that scorer "a" separates far better than "b", and 4 held-out real
+    defect views that "a" scores below the normals and "b" above them: row by row the
+    pseudo-anomalies outvote the real defects (equal weights keep "a"); with the real views as a
+    part of their own (the mean of the synthetic and the real AUROC) "b" alone is chosen."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 40 + [1] * 4)
+    real = np.array([False] * 60 + [True] * 4)
+    a = np.r_[rng.normal(0, 1, 20), rng.normal(4.0, 1, 40), rng.normal(-3, 0.5, 4)]
+    b = np.r_[rng.normal(0, 1, 20), rng.normal(1.5, 1, 40), rng.normal(4, 0.5, 4)]
+    outputs = {"a": _outputs(a), "b": _outputs(b)}
+    plain = fit_fusion(outputs, labels, n_trials=0, seed=0)
+    with_real = fit_fusion(outputs, labels, n_trials=0, seed=0, real=real)
+    assert plain.score_weights["a"] > 0
+    assert with_real.score_weights == {"a": 0.0, "b": 1.0}
+    record = with_real.validation["scorers"]
+    assert record["b"]["image_auroc_real"] == 1.0 and record["a"]["image_auroc_real"] < 0.05
+    assert record["b"]["selection_auroc"] == pytest.approx((record["b"]["image_auroc_synthetic"] + 1.0) / 2)
+    assert with_real.search["scores"]["objective_parts"] == ["synthetic", "real"]

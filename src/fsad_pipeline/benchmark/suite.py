@@ -129,7 +129,11 @@ def suite_run(
         "scorers": {name: _pick(values) for name, values in (metrics.get("scorers") or {}).items()},
         **{name: {**_pick(out), "bank_size": out["bank_size"], "seconds": out["seconds"]} for name, out in references.items()},
         # The fusion's validation split (metrics.json ``validation``; absent in older runs): per scorer and fused.
-        "validation": {name: {k_: v.get(k_) for k_ in ("image_auroc", "pixel_auroc")} for name, v in validation.items()},
+        # The ranking uses what the weight search optimises (selection_auroc: with real labelled
+        # defects, the mean of the synthetic and the real AUROC), else the plain image AUROC.
+        "validation": {name: {"image_auroc": v.get("selection_auroc", v.get("image_auroc")), "pixel_auroc": v.get("pixel_auroc"),
+                              "image_auroc_all_rows": v.get("image_auroc"), "image_auroc_real": v.get("image_auroc_real")}
+                       for name, v in validation.items()},
         "validation_fused": (metrics.get("validation") or {}).get("fused") or None,
         "image_auroc_per_defect_type": {FUSED: metrics.get("image_auroc_per_defect_type"),
                                         **{name: out.get("image_auroc_per_defect_type") for name, out in references.items()}},

@@ -351,6 +351,10 @@ def rank_auroc(labels: np.ndarray, values: np.ndarray) -> float:
     return _sorted_auroc(np.sort(values[labels]), np.sort(values[~labels]))
 
 
+#: Row kinds of the weight search: negatives, synthetic positives, real (labelled defect) positives.
+NEGATIVE, SYNTHETIC, REAL = 0, 1, 2
+
+
 def _search(
     names: list[str],
     normalised: np.ndarray,
@@ -360,22 +364,28 @@ def _search(
     min_gain: float,
     what: str,
 ) -> tuple[dict[str, float], dict]:
-    """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,) bool.
+    """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,).
 
-    Each candidate costs one weighted sum and two sorts: the values are reordered once so the
-    positives come first, and the separation (median positive) is read off the sorted positives.
+    ``labels`` are bool (positive or not) or row kinds (:data:`NEGATIVE`, :data:`SYNTHETIC`,
+    :data:`REAL`). The objective is the AUROC of the positives against the negatives; with real
+    positives as well, the mean of the synthetic and the real AUROC, so that the few held-out
+    real defect views weigh as much as the many pseudo-anomalies. Each candidate costs one
+    weighted sum and a sort per kind; the separation is the median positive.
     """
-    labels = np.asarray(labels, dtype=bool)
-    order = np.r_[np.flatnonzero(labels), np.flatnonzero(~labels)]
-    normalised, n_positive = normalised[:, order], int(labels.sum())
+    kinds = np.asarray(labels).astype(int)
+    present = [kind for kind in (SYNTHETIC, REAL) if (kinds == kind).any()]
+    blocks = [np.flatnonzero(kinds == kind) for kind in present]
+    negatives = np.flatnonzero(kinds == NEGATIVE)
+    positives_all = np.concatenate(blocks) if blocks else np.zeros(0, int)
     objectives = np.empty(len(vectors))
     separations = np.full(len(vectors), np.nan)
     for index, vector in enumerate(vectors):
         fused = vector.astype(normalised.dtype) @ normalised
-        positives, negatives = np.sort(fused[:n_positive]), np.sort(fused[n_positive:])
-        objectives[index] = _sorted_auroc(positives, negatives)
-        if n_positive:
-            separations[index] = float(positives[n_positive // 2])
+        negative = np.sort(fused[negatives])
+        parts = [_sorted_auroc(np.sort(fused[block]), negative) for block in blocks]
+        objectives[index] = float(np.mean(parts)) if parts else float("nan")
+        if positives_all.size:
+            separations[index] = float(np.median(fused[positives_all]))
     chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, min_gain)
     equal = int(np.flatnonzero(~monte_carlo)[-1])  # the last subset: all scorers
     weights = _describe(vectors[chosen], names)
@@ -383,13 +393,21 @@ def _search(
         "method": "monte_carlo" if monte_carlo[chosen] else ("equal" if chosen == equal else "subset"),
         "reason": reason,
         "objective": _finite(objectives[chosen]),
-        "best_objective": _finite(np.nanmax(objectives)),
+        "objective_parts": ["synthetic" if kind == SYNTHETIC else "real" for kind in present],
+        "best_objective": _finite(np.nanmax(objectives)) if np.isfinite(objectives).any() else None,
         "equal_objective": _finite(objectives[equal]),
         "separation": _finite(separations[chosen]),
         "candidates": int(len(vectors)),
     }
     logger.info("fusion %s weights %s: %s", what, weights, reason)
     return weights, record
+
+
+def _selection_auroc(values: np.ndarray, kinds: np.ndarray) -> float | None:
+    """The weight search's objective for one score vector: the mean AUROC over the positive kinds."""
+    negative = np.sort(values[kinds == NEGATIVE])
+    parts = [_sorted_auroc(np.sort(values[kinds == kind]), negative) for kind in (SYNTHETIC, REAL) if (kinds == kind).any()]
+    return _finite(float(np.mean(parts))) if parts else None
 
 
 def fit_fusion(
@@ -408,6 +426,7 @@ def fit_fusion(
     score_scale: str = "auto",
     max_pixels: int = 200_000,
     in_sample: Sequence[str] = (),
+    real: np.ndarray | None = None,
 ) -> Fusion:
     """Normalisation per scorer plus separate score and map weights, all from validation outputs.
 
@@ -418,13 +437,18 @@ def fit_fusion(
     ``in_sample`` names the scorers whose validation normals are in-sample (fitted on the very
     support images, e.g. DFD): their validation AUROC is optimistic, so no candidate may rest on
     them alone; every candidate gives weight to at least one scorer with held-out normals (when
-    there is one).
+    there is one). ``real`` (N,) marks the anomalous rows that are views of real labelled
+    defects (each scored without its own shot): the weight search then averages the AUROC on the
+    pseudo-anomalies and the AUROC on the real defects (see :func:`_search`), and the per-scorer
+    record gives both (``image_auroc_synthetic``, ``image_auroc_real``).
     """
     names = list(validation_outputs)
     if not names:
         raise ValueError("no scorer outputs to fuse")
     labels = np.asarray(labels).astype(int)
     normal = labels == 0
+    real = np.zeros(len(labels), bool) if real is None else np.asarray(real, dtype=bool) & (labels == 1)
+    kinds = np.where(labels == 0, NEGATIVE, np.where(real, REAL, SYNTHETIC))
     stats = {
         n: ScoreStats.from_normals(
             validation_outputs[n]["anomaly_map"],
@@ -444,8 +468,11 @@ def fit_fusion(
     pixel_rows = np.flatnonzero(normal | ((labels == 1) & known))
     pixel_labels = np.zeros(0, bool)
     pixels = np.zeros((len(names), 0), np.float32)
+    pixel_kinds = np.zeros(0, int)
     if masks is not None and pixel_rows.size:
         index, pixel_labels = _sample_pixels(np.asarray(masks), pixel_rows, int(max_pixels), int(seed))
+        rows_of_pixels = index // int(np.prod(np.asarray(masks).shape[1:]))
+        pixel_kinds = np.where(~pixel_labels, NEGATIVE, np.where(real[rows_of_pixels], REAL, SYNTHETIC))
         pixels = np.stack(
             [
                 stats[n].normalise_maps(np.asarray(validation_outputs[n]["anomaly_map"]).reshape(-1)[index])
@@ -454,14 +481,22 @@ def fit_fusion(
         )
     has_pixels = bool(pixel_labels.any() and not pixel_labels.all())
 
+    def by_kind(values: np.ndarray, row_kinds: np.ndarray, kind: int) -> float | None:
+        rows = (row_kinds == NEGATIVE) | (row_kinds == kind)
+        return _finite(rank_auroc(row_kinds[rows] == kind, values[rows])) if (row_kinds == kind).any() else None
+
     validation = {
         "scorers": {
             n: {
                 "image_auroc": _finite(rank_auroc(labels, scores[i])),
                 "pixel_auroc": _finite(rank_auroc(pixel_labels, pixels[i])) if has_pixels else None,
+                **({"image_auroc_synthetic": by_kind(scores[i], kinds, SYNTHETIC),
+                    "image_auroc_real": by_kind(scores[i], kinds, REAL)} if real.any() else {}),
+                "selection_auroc": _selection_auroc(scores[i], kinds),
             }
             for i, n in enumerate(names)
         },
+        "real_defect_rows": int(real.sum()),
         "pixels_sampled": int(pixel_labels.size),
         "pixel_rows": int(pixel_rows.size if masks is not None else 0),
     }
@@ -478,13 +513,9 @@ def fit_fusion(
             # A validation whose normals a scorer was fitted on cannot certify that scorer alone.
             keep = (vectors[:, held_out] > 0).any(axis=1)
             vectors, monte_carlo = vectors[keep], monte_carlo[keep]
-        score_weights, score_record = _search(
-            names, scores, labels.astype(bool), vectors, monte_carlo, float(min_gain), "score"
-        )
+        score_weights, score_record = _search(names, scores, kinds, vectors, monte_carlo, float(min_gain), "score")
         if has_pixels:
-            map_weights, map_record = _search(
-                names, pixels, pixel_labels, vectors, monte_carlo, float(min_gain), "map"
-            )
+            map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
         else:
             map_weights = dict(score_weights)
             map_record = {"method": "follow_scores", "reason": "no validation pixels with a known defect mask"}
@@ -495,6 +526,8 @@ def fit_fusion(
     validation["fused"] = {
         "image_auroc": _finite(rank_auroc(labels, fused_scores)),
         "pixel_auroc": _finite(rank_auroc(pixel_labels, fused_pixels)) if has_pixels else None,
+        **({"image_auroc_synthetic": by_kind(fused_scores, kinds, SYNTHETIC),
+            "image_auroc_real": by_kind(fused_scores, kinds, REAL)} if real.any() else {}),
     }
     if fused_pixels.size:
         # Heat-map colour scale: from the normals' high tail to the typical anomalous pixel.

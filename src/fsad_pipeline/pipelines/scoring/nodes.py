@@ -86,6 +86,7 @@ def fit_score_fusion(
         families=getattr(fusion_validation, "family", None),
         seed=int(seed),
         in_sample=[] if fusion.get("in_sample_alone", False) else [n for n, held in held_out.items() if not held],
+        real=fusion_validation.defect_shot >= 0,
         **options,
     )
     calibration = (
