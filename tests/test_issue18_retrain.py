@@ -168,3 +168,37 @@ def test_validation_sets_are_resized_to_a_models_working_size():
     assert resized.images.shape == (4, 64, 48, 3) and resized.masks.shape == (4, 64, 48)
     assert set(np.unique(resized.masks)) <= {0, 1} and resized.masks[1].sum() > 0
     assert validation_at_size(validation, (32, 32)) is validation
+
+
+def test_a_resized_comparison_set_keeps_every_defect_even_at_the_edge():
+    """Cropping to another aspect could cut a defect out of its row (label 1, empty mask): the
+    comparison set is resized whole, and a defect pixel survives any downscale."""
+    from fsad_pipeline.model_store.champion_challenger import validation_at_size
+
+    validation = _sample_set(np.random.default_rng(2), 4, 64)
+    validation.masks[:] = 0
+    validation.masks[1::2, 30:31, 0:1] = 1  # one pixel at the left edge
+    resized = validation_at_size(validation, (64, 16))
+    assert (resized.masks.reshape(4, -1).max(axis=1) == validation.labels).all()
+
+
+def test_a_looser_tolerance_compares_a_rejected_challenger_again(fake):
+    fake.aurocs = {"data-1": 0.9, "data-2": 0.85}
+    assert fake.run()["outcome"] == "promoted"
+    fake.fingerprint = "data-2"
+    assert fake.run(tolerance=0.01)["outcome"] == "rejected"
+    assert fake.run(tolerance=0.01)["outcome"] == "nothing_to_do"  # same data, same tolerance
+    assert fake.run(tolerance=0.1)["outcome"] == "promoted"  # a looser tolerance is another question
+
+
+def test_a_failed_comparison_freezes_nothing(fake, monkeypatch):
+    """The set is frozen only once the challenger is promoted: a crash before that leaves no set
+    frozen from a model that never became champion."""
+    from fsad_pipeline.model_store import champion_challenger
+
+    def broken(bundle_dir, validation, device="cpu"):
+        raise RuntimeError("scoring crashed")
+
+    monkeypatch.setattr(champion_challenger, "bundle_validation_auroc", broken)
+    assert fake.run()["outcome"] == "failed"
+    assert champion_challenger.load_frozen_validation(fake.root / "models") is None

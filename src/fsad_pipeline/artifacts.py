@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,11 +21,21 @@ import pandas as pd
 
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
+_UMASK_LOCK = threading.Lock()
+
 
 def current_umask() -> int:
-    """This process's umask (read by setting and restoring it: os has no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    """This process's umask: from ``/proc/self/status`` where Linux has it (changing the umask to
+    read it, the only other way, would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 

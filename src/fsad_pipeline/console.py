@@ -47,6 +47,13 @@ def _project_parameters(project: Path) -> dict[str, Any] | None:
     return dict(loader["parameters"])
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -158,7 +165,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=_positive_int, help="images scored in one forward (default 8)")
     parser.add_argument("--max-wait-ms", type=float, help="how long a request waits for company (default 10)")
     parser.add_argument("--queue-size", type=_positive_int, help="requests waiting before 503 (default 32)")
-    parser.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default 20)")
+    parser.add_argument("--max-body-mb", type=_positive_float, help="request body limit in MiB (default 20)")
     parser.add_argument("--reload-interval", type=float, help="seconds between champion checks (default 2; 0: never)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -191,19 +198,30 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         reload_interval=float(pick(args.reload_interval, "reload_interval", 2.0)),
         overlay_max_side=inference.get("overlay_max_side", 1024),
         overlay_alpha=float(inference.get("overlay_alpha", 0.5)),
+        threshold=None if inference.get("threshold") is None else float(inference["threshold"]),
+        # In a project, the model must match it, as fsad-inspect requires (on every reload too).
+        expect={key: params.get(key) for key in ("backbone", "image_size", "config_version")} if params else None,
     )
     try:
         check_bind(settings.host, settings.token)
-        app = create_app(settings)
     except ValueError as error:
         print(f"fsad-serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        app = create_app(settings)
     except (BundleError, FileNotFoundError) as error:
         print(f"fsad-serve: error: {error}", file=sys.stderr)
         return EXIT_MODEL
+    except Exception as error:  # a model that cannot be loaded at all: say why, no traceback
+        print(f"fsad-serve: error: the model at {model_dir} cannot be loaded: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return EXIT_MODEL
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=int(pick(args.port, "port", 8000)), log_level="info", access_log=False)
+    # Connections beyond what the queue can hold plus some slack are refused by uvicorn (503),
+    # so request bodies cannot pile up in memory before the queue bound applies.
+    uvicorn.run(app, host=settings.host, port=int(pick(args.port, "port", 8000)), log_level="info", access_log=False,
+                limit_concurrency=settings.queue_size + settings.max_batch + 16)
     return EXIT_OK
 
 

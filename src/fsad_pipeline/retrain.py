@@ -124,9 +124,10 @@ def parse_tolerance(text: str | float) -> float:
     return value
 
 
-def _earlier_rejection(store_root: Path, fingerprint: str, champion: str | None) -> dict | None:
+def _earlier_rejection(store_root: Path, fingerprint: str, champion: str | None, tolerance: float) -> dict | None:
     """The newest decision record that already compared a challenger on this raw data against this
-    champion and rejected it (so the next scheduled run need not repeat it), or None."""
+    champion, at this or a looser ``tolerance``, and rejected it (so the next scheduled run need
+    not repeat it), or None."""
     folder = store_root / DECISIONS_DIR
     if not folder.is_dir():
         return None
@@ -138,7 +139,7 @@ def _earlier_rejection(store_root: Path, fingerprint: str, champion: str | None)
         if earlier.get("outcome") == "promoted":
             return None  # a later promotion changed the champion: compare anew
         if (earlier.get("outcome") == "rejected" and earlier.get("data_fingerprint") == fingerprint
-                and earlier.get("champion") == champion):
+                and earlier.get("champion") == champion and float(earlier.get("tolerance", 0.0)) >= tolerance):
             return {**earlier, "record_path": str(path)}
     return None
 
@@ -160,8 +161,9 @@ def retrain(
 
     Nothing is to do when the raw data is the champion's, or when a challenger on this very data
     was already compared with this champion and rejected (``force`` retrains anyway). The
-    comparison set is the one frozen at the first promotion; a store without one (a champion
-    promoted before frozen sets existed) freezes the challenger's set and says so in the record.
+    comparison set is the one frozen at the first promotion; without one (no champion yet, or a
+    champion promoted before sets were frozen) both are compared on the challenger's set, which
+    is frozen only once the challenger has been promoted.
     """
     from fsad_pipeline.model_store.bundle import read_manifest
     from fsad_pipeline.model_store.champion_challenger import (
@@ -198,7 +200,7 @@ def retrain(
             if champion is not None and not force:
                 if read_manifest(champion.path).get("data_fingerprint") == fingerprint:
                     return {**record, "outcome": "nothing_to_do", "reason": "raw data unchanged since the champion"}
-                earlier = _earlier_rejection(store_root, fingerprint, champion.version)
+                earlier = _earlier_rejection(store_root, fingerprint, champion.version, tolerance)
                 if earlier is not None:
                     return {**record, "outcome": "nothing_to_do",
                             "reason": f"a challenger on this raw data was already rejected against {champion.version} "
@@ -211,16 +213,13 @@ def retrain(
                 validation = load_frozen_validation(store_root)
                 newly_frozen = validation is None
                 if newly_frozen:
-                    # No champion yet: the challenger becomes the first champion, so this is the
-                    # first promotion's set. A champion without a frozen set was promoted before
-                    # sets were frozen at promotion; its run's set is gone, so the challenger's
-                    # is frozen, and the record says so.
-                    source = "challenger run (no champion yet)" if champion is None else (
-                        f"challenger run: champion {champion.version} was promoted without a frozen validation set")
+                    # No champion yet: the challenger becomes the first champion, and its set is
+                    # frozen once that promotion has succeeded (the first promotion's set). A
+                    # champion promoted before sets were frozen has no run set left: both are
+                    # compared on the challenger's, frozen only if the challenger is promoted.
+                    validation = _load_candidate_validation(project)
                     if champion is not None:
-                        logger.warning("no frozen validation set in %s; freezing the %s", store_root, source)
-                    freeze_validation(store_root, _load_candidate_validation(project), source=source)
-                    validation = load_frozen_validation(store_root)
+                        logger.warning("no frozen validation set in %s: comparing on the challenger's", store_root)
                 record["validation"] = {"images": len(validation), "anomalous": int(validation.labels.sum()),
                                         "newly_frozen": newly_frozen, **frozen_validation_record(store_root)}
                 record["challenger_metrics"] = bundle_validation_auroc(scratch / "bundle", validation, device=device)
@@ -233,6 +232,9 @@ def retrain(
                 if decision.promote:
                     entry = store.promote(scratch / "bundle", {"kind": "retrain", **_summary(record)}, move=True)
                     record["promoted_version"] = entry.version
+                    if newly_frozen:
+                        freeze_validation(store_root, validation, source=f"the run promoted as {entry.version} by retraining")
+                        record["validation"].update(frozen_validation_record(store_root))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         except Exception as error:  # the record says what broke; the champion was not touched

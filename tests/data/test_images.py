@@ -124,9 +124,12 @@ def test_16_bit_images_are_scaled_by_their_declared_depth_not_their_content(tmp_
     assert int(full.min()) == 255
 
 
-def test_a_12_bit_image_declared_by_sbit_uses_its_full_range(tmp_path):
-    """A 12-bit camera image stored as 16-bit PNG with sBIT = 12: white (4095) is white, not nearly black."""
-    image = read_image(_png16(tmp_path / "cam.png", np.array([[0, 2048, 4095]] * 3), significant_bits=12))
+def test_a_12_bit_png_stored_as_the_specification_says_keeps_its_full_range(tmp_path):
+    """sBIT = 12: the PNG specification stores the samples scaled to 16 bits (left bit
+    replication), so white is 65535 and must stay white; sBIT does not rescale."""
+    twelve = np.array([[0, 2048, 4095]] * 3, dtype=np.uint32)
+    stored = (twelve << 4) | (twelve >> 8)  # the specification's left bit replication
+    image = read_image(_png16(tmp_path / "cam.png", stored, significant_bits=12))
     assert image[0, :, 0].tolist() == [0, 128, 255]
 
 

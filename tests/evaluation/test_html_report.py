@@ -249,3 +249,19 @@ def test_report_renders_in_headless_chromium(tmp_path, evaluation_inputs):
     rows = _parse(result.stdout).rows
     assert len(rows) == len(predictions)
     assert len({r["data-path"] for r in rows}) == len(predictions)
+
+
+def test_the_report_states_what_the_deployed_threshold_does(evaluation_inputs):
+    """Issue 18: false-alarm rate on good images, miss rate on defects and the confusion counts."""
+    from fsad_pipeline.evaluation.report import decision_rates
+
+    predictions, maps, metrics, figures = evaluation_inputs
+    rates = decision_rates(predictions["gt_label"].to_numpy(), predictions["pred_label"].to_numpy())
+    calibration = {"method": "target_fpr", "target_false_alarm_rate": 0.05, "expected_false_alarm_rate": 0.049}
+    page = render_html_report(predictions, maps, image_size=SIZE, metrics={**metrics, **rates, "threshold_calibration": calibration},
+                              figures=figures, thumbnail_size=48, progress=False)
+    assert "at the deployed threshold" in page and "false-alarm rate on good test images" in page
+    good = int((predictions["gt_label"] == 0).sum())
+    confusion = rates["confusion_at_threshold"]
+    assert f"{confusion['false_positive']} / {confusion['true_negative']}" in page and confusion["false_positive"] == 1
+    assert f"{1 / good:.3f}" in page and "target_fpr" in page and "0.049" in page

@@ -258,3 +258,12 @@ def test_metrics_scale_to_many_pixels_quickly():
     pixel = pixel_auroc(masks, maps)
     assert 0.5 < pixel < 1.0
     assert 0.0 < aupro(masks, maps) < 1.0
+
+
+def test_decision_rates_at_the_deployed_threshold():
+    from fsad_pipeline.evaluation.report import decision_rates
+
+    rates = decision_rates(np.array([0, 0, 0, 0, 1, 1, 1]), np.array([1, 0, 0, 0, 1, 1, 0]))
+    assert rates["false_alarm_rate"] == 0.25 and rates["miss_rate"] == pytest.approx(1 / 3)
+    assert rates["confusion_at_threshold"] == {"true_positive": 2, "false_positive": 1, "true_negative": 3, "false_negative": 1}
+    assert decision_rates(np.array([0, 0]), np.array([0, 1]))["miss_rate"] is None

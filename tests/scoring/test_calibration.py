@@ -53,3 +53,53 @@ def test_the_earlier_method_name_still_works_and_unknown_ones_do_not():
         calibrate_threshold([0, 1], [0.0, 1.0], method="magic")
     with pytest.raises(ValueError, match="target_false_alarm_rate"):
         target_fpr_threshold(np.arange(5.0), 0.0)
+
+
+def test_calibration_images_are_pool_images_that_are_neither_supports_nor_test_images():
+    import pandas as pd
+
+    from fsad_pipeline.data.sampling import calibration_paths
+
+    manifest = pd.DataFrame({
+        "path": [f"train/{i}.png" for i in range(10)] + [f"test/{i}.png" for i in range(5)],
+        "split": ["train"] * 10 + ["test"] * 5, "label": [0] * 10 + [0, 0, 1, 1, 1],
+    })
+    selection = {"rounds": [["train/0.png", "train/3.png"], ["train/5.png", "train/3.png"]]}
+    chosen = calibration_paths(manifest, selection, count=4, seed=0)
+    assert len(chosen) == 4 and chosen == sorted(chosen)
+    assert all(p.startswith("train/") for p in chosen) and not {"train/0.png", "train/3.png", "train/5.png"} & set(chosen)
+    assert calibration_paths(manifest, selection, count=4, seed=0) == chosen  # seeded
+    assert len(calibration_paths(manifest, selection, count=50, seed=0)) == 7  # the whole rest of the pool
+    assert calibration_paths(manifest, selection, count=0, seed=0) == []
+
+
+def _validation(labels, sources, shots):
+    from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+
+    n = len(labels)
+    images = np.zeros((n, 4, 4, 3), np.uint8)
+    masks = np.zeros((n, 4, 4), np.uint8)
+    masks[np.asarray(labels) == 1, 1, 1] = 1
+    return PseudoAnomalySet(images, images, masks, np.asarray(labels, np.int64), np.asarray(sources, np.int64),
+                            defect_shot=np.asarray(shots, np.int64))
+
+
+def test_the_decision_uses_the_calibration_images_else_the_held_out_supports():
+    from fsad_pipeline.pipelines.scoring.nodes import calibrate_decision
+
+    validation = _validation([0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 1, -1], [-1] * 6 + [0])
+    scores = np.array([0.1, 0.1, 0.3, 0.3, 5.0, 6.0, 9.0])
+    pool = np.linspace(0.0, 1.0, 40)
+    decision = calibrate_decision(scores, validation, pool, method="target_fpr", target_false_alarm_rate=0.05)
+    assert decision["calibration_normals"] == 40 and decision["exchangeable"] and "support pool" in decision["calibration_source"]
+    assert decision["expected_false_alarm_rate"] == pytest.approx(2 / 41)
+    fallback = calibrate_decision(scores, validation, None, method="target_fpr", target_false_alarm_rate=0.05)
+    assert fallback["calibration_normals"] == 2 and fallback["threshold"] > 0.3  # one row per support image
+    assert not fallback["exchangeable"] and fallback["expected_false_alarm_rate"] is None and "no false-alarm" in fallback["note"]
+    f1 = calibrate_decision(scores, validation, pool, method="f1_max", target_false_alarm_rate=0.05)
+    assert f1["method"] == "f1_max" and f1["real_defect_views"] == 1 and 1.0 < f1["threshold"] <= 9.0
+
+
+def test_nan_calibration_scores_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        target_fpr_threshold(np.array([0.1, np.nan, 0.3]), 0.05)

@@ -71,9 +71,10 @@ class ServerProcess:
         code = "import sys; from fsad_pipeline.console import serve_main; sys.exit(serve_main(sys.argv[1:]))"
         command = [sys.executable, "-c", code, "--model", str(self.model_dir), "--port", str(self.port),
                    "--device", "cpu", *self.options]
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
-                                        env={**os.environ, "DO_NOT_TRACK": "1"})
+        env = {key: value for key, value in os.environ.items() if key != "FSAD_SERVE_TOKEN"}  # loopback, no token
+        with open(self.log_path, "a") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
+                                            env={**env, "DO_NOT_TRACK": "1"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -221,7 +222,7 @@ def champion_for_benchmark(model: Path | None, scratch: Path) -> Path:
 
 
 def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurrency: tuple[int, ...] = CONCURRENCY,
-                    bad_every: int = 10, max_batch: int = 8) -> dict[str, Any]:
+                    bad_every: int = 10, max_batch: int = 8, queue_size: int = 32) -> dict[str, Any]:
     """The load test (module docstring); writes ``serve.json`` and ``serve.md`` and returns the record."""
     from fsad_pipeline.model_store.bundle import read_manifest
 
@@ -230,7 +231,7 @@ def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurre
     manifest = read_manifest(Path(model_dir).resolve())
     batch_rate = (manifest.get("metrics") or {}).get("score_images_per_second")
     before_files = tree_digest(model_dir)
-    server = ServerProcess(model_dir, out / "serve_server.log", max_batch=max_batch, queue_size=4 * max(concurrency))
+    server = ServerProcess(model_dir, out / "serve_server.log", max_batch=max_batch, queue_size=queue_size)
     levels, restarts = [], []
     try:
         server.start()
@@ -254,7 +255,7 @@ def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurre
     finally:
         server.stop()
     record = {"model": str(Path(model_dir).resolve()), "images": source, "n_images": len(images),
-              "requests_per_level": requests, "bad_every": bad_every, "max_batch": max_batch,
+              "requests_per_level": requests, "bad_every": bad_every, "max_batch": max_batch, "queue_size": queue_size,
               "batch_pipeline_img_s": batch_rate, "levels": levels, "restarts": restarts,
               "champion_unchanged": tree_digest(model_dir) == before_files, "cpu_count": os.cpu_count()}
     record["targets"] = serve_targets(record)

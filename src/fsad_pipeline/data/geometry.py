@@ -80,12 +80,16 @@ def _round_to(value: float, multiple: int) -> int:
 
 
 def read_image_sizes(paths: Iterable[str | Path]) -> list[tuple[int, int]]:
-    """``(height, width)`` of each image from its header only (PIL opens lazily: no decode)."""
+    """``(height, width)`` of each image from its header only (PIL opens lazily: no decode).
+
+    PIL's own pixel limit is off here: the guard is ``data.max_pixels``, applied by the reader."""
     from PIL import Image
+
+    from fsad_pipeline.data.images import pil_guard_off
 
     sizes = []
     for path in paths:
-        with Image.open(path) as image:
+        with pil_guard_off(), Image.open(path) as image:
             width, height = image.size
         sizes.append((int(height), int(width)))
     return sizes
@@ -166,11 +170,14 @@ def fit_to_size(image: np.ndarray, size: int | Sequence[int], *, mask: bool = Fa
 
     height, width = as_hw(size)
     in_h, in_w = image.shape[:2]
-    scale = max(height / in_h, width / in_w)
-    cover_h, cover_w = max(height, math.ceil(in_h * scale - 1e-9)), max(width, math.ceil(in_w * scale - 1e-9))
-    resized = (resize_mask if mask else resize_image)(image, (cover_h, cover_w))
-    top, left = (cover_h - height) // 2, (cover_w - width) // 2
-    return np.ascontiguousarray(resized[top : top + height, left : left + width])
+    # The centre region of the source with the target's aspect, cropped *before* resizing: the
+    # same picture as resizing to cover and cropping after, without ever holding the covering
+    # image (a 1 x 100 000 strip would otherwise become 100 000 x 100 000 pixels).
+    crop_h = min(in_h, max(1, round(in_w * height / width)))
+    crop_w = min(in_w, max(1, round(in_h * width / height)))
+    top, left = (in_h - crop_h) // 2, (in_w - crop_w) // 2
+    region = np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])
+    return np.ascontiguousarray((resize_mask if mask else resize_image)(region, (height, width)))
 
 
 def capped_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:

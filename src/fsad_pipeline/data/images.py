@@ -51,7 +51,7 @@ _PIL_GUARD_LOCK = threading.Lock()
 
 
 @contextmanager
-def _pil_guard_off() -> Iterator[None]:
+def pil_guard_off() -> Iterator[None]:
     """PIL's own decompression-bomb limit off while a file's header is read (restored after).
 
     Without this, an image between PIL's limit (2 x ~89 MP) and a larger ``data.max_pixels``
@@ -82,7 +82,7 @@ def _decode(source: Path | io.BytesIO, name: str | Path, max_pixels: int) -> Ima
             # PIL warns (and errors at 2x its own MAX_IMAGE_PIXELS, when the header is read) for
             # big images; the guard that counts is data.max_pixels, applied below, not PIL's.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _pil_guard_off():
+            with pil_guard_off():
                 image = Image.open(source)
             width, height = image.size
             if width * height > max_pixels:
@@ -115,37 +115,16 @@ def _to_uint8(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     return np.round(np.nan_to_num(scaled) * 255).astype(np.uint8)
 
 
-def _png_significant_bits(source: Path | bytes) -> int | None:
-    """The significant bits a PNG declares in its ``sBIT`` chunk (e.g. 12 for a 12-bit camera
-    image stored in 16 bits), or None when it has none. PIL does not read this chunk."""
-    try:
-        with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as handle:
-            if handle.read(8) != b"\x89PNG\r\n\x1a\n":
-                return None
-            while True:
-                header = handle.read(8)
-                if len(header) < 8:
-                    return None
-                length, kind = int.from_bytes(header[:4], "big"), header[4:]
-                if kind in (b"IDAT", b"IEND"):
-                    return None  # sBIT precedes the image data
-                data = handle.read(length)
-                handle.seek(4, 1)  # CRC
-                if kind == b"sBIT" and data:
-                    return max(data)  # one byte per channel: the largest channel depth
-    except OSError:
-        return None
+def declared_bit_depth(image: Image.Image) -> int | None:
+    """The container bit depth a deep grayscale image declares: 16 for ``I;16*`` (and ``I`` from a
+    PNG, whose samples are at most 16 bits), otherwise 32; None for other modes.
 
-
-def declared_bit_depth(image: Image.Image, path: Path | bytes) -> int | None:
-    """The bit depth a deep (16-bit or 32-bit integer) grayscale image declares: the PNG ``sBIT``
-    significant bits, else its container (16 for ``I;16*``; ``I`` from a PNG: 16, PNG's maximum;
-    otherwise 32). None for other modes."""
+    A PNG ``sBIT`` chunk (e.g. 12 significant bits) does not change the scale: the PNG
+    specification stores such samples scaled up to the full 16 bits. Camera files that keep
+    12-bit values unscaled in a 16-bit container are not recognisable from the file (a
+    configured bit depth would be needed; see the README's limits)."""
     if not image.mode.startswith("I"):
         return None
-    significant = _png_significant_bits(path) if image.format == "PNG" else None
-    if significant:
-        return int(significant)
     if image.mode.startswith("I;16") or image.format == "PNG":
         return 16
     return 32
@@ -162,7 +141,7 @@ def read_image_with_note(
 ) -> tuple[np.ndarray, str]:
     """Like :func:`read_image`, also returning a note such as ``"converted from I;16"``."""
     path = Path(path)
-    return _to_rgb(_open_fully(path, max_pixels), path, path)
+    return _to_rgb(_open_fully(path, max_pixels), path)
 
 
 def decode_image_with_note(
@@ -172,16 +151,16 @@ def decode_image_with_note(
     guard, full decode and conversion to 8-bit RGB; problems raise :class:`BadImageError` named ``name``."""
     if not data:
         raise BadImageError(name, "zero-byte file")
-    return _to_rgb(_decode(io.BytesIO(data), name, max_pixels), data, name)
+    return _to_rgb(_decode(io.BytesIO(data), name, max_pixels), name)
 
 
-def _to_rgb(image: Image.Image, source: Path | bytes, name: str | Path) -> tuple[np.ndarray, str]:
-    """A decoded image as uint8 H×W×3 RGB and the conversion note (``source``: for the bit depth)."""
+def _to_rgb(image: Image.Image, name: str | Path) -> tuple[np.ndarray, str]:
+    """A decoded image as uint8 H×W×3 RGB and the conversion note."""
     mode = image.mode
     if mode in ("RGB",):
         array = np.asarray(image, dtype=np.uint8)
     elif mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
-        gray = _to_uint8(np.asarray(image), declared_bit_depth(image, source))
+        gray = _to_uint8(np.asarray(image), declared_bit_depth(image))
         array = np.repeat(gray[..., None], 3, axis=2)
     elif mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in image.info):
         # Alpha is dropped: industrial captures carry no meaningful transparency.
@@ -219,7 +198,7 @@ def read_mask(
         array = array[..., :3].max(axis=2) if array.shape[2] >= 3 else array[..., 0]
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
         # Compared on the 8-bit scale without rounding: a 16-bit mask of 0/1 keeps its 1s.
-        top = float(2 ** (declared_bit_depth(image, path) or 8 * array.dtype.itemsize) - 1)
+        top = float(2 ** (declared_bit_depth(image) or 8 * array.dtype.itemsize) - 1)
         return (array.astype(np.float64) * (255.0 / top) > threshold).astype(np.uint8)
     return (_to_uint8(array) > threshold).astype(np.uint8)
 

@@ -218,7 +218,7 @@ def inspect_images(
             if not len(chunk):
                 continue
             scores = np.asarray(chunk.fused["pred_score"], dtype=np.float64)
-            labels = (scores >= decision).astype(int)
+            labels = (~(scores < decision)).astype(int)  # a NaN score is NG, never OK
             defect = classify_flagged(bundle, chunk.images, chunk.fused["anomaly_map"], labels == 1)
             table = pd.DataFrame(
                 {

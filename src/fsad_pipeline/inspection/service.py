@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from fsad_pipeline.data.geometry import fit_to_size
 from fsad_pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image_with_note
@@ -85,7 +86,10 @@ class ServiceSettings:
     max_body_bytes: int = 20 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = 16
+    max_connections: int = 64
     reload_interval: float = 2.0
+    threshold: float | None = None  # overrides the model's calibrated threshold (inference.threshold)
+    expect: dict | None = None  # backbone / image_size / config_version the project expects of a model
     overlay_max_side: int | None = 1024
     overlay_alpha: float = 0.5
 
@@ -141,20 +145,23 @@ class LoadedModel:
         }
 
 
-def _identity(model_dir: Path) -> tuple[Path, str | None]:
-    """(resolved folder, manifest content hash) of what ``model_dir`` points at now."""
-    from fsad_pipeline.model_store.bundle import read_manifest
+def _identity(model_dir: Path) -> tuple[Path, str | None, int]:
+    """(resolved folder, manifest content hash, manifest mtime) of what ``model_dir`` points at now
+    (the mtime: a refused bundle repaired in place is tried again)."""
+    from fsad_pipeline.model_store.bundle import MANIFEST_FILE, read_manifest
 
     resolved = Path(model_dir).resolve()
-    return resolved, read_manifest(resolved).get("content_hash")
+    return resolved, read_manifest(resolved).get("content_hash"), (resolved / MANIFEST_FILE).stat().st_mtime_ns
 
 
-def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., Any] | None = None) -> LoadedModel:
-    """Load and verify the bundle ``model_dir`` points at, with its ensemble ready to score."""
+def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., Any] | None = None,
+               expect: dict | None = None) -> LoadedModel:
+    """Load and verify the bundle ``model_dir`` points at (refusing one that does not match
+    ``expect``, as ``fsad-inspect`` does), with its ensemble ready to score."""
     from fsad_pipeline.model_store.bundle import load_bundle
 
-    path, content_hash = _identity(model_dir)
-    bundle = (loader or load_bundle)(path, device=device)
+    path, content_hash, _ = _identity(model_dir)
+    bundle = (loader or load_bundle)(path, expect, device=device)
     ensemble = bundle.ensemble()
     for scorer in ensemble.patch_scorers.values():  # no progress bars in a service
         if hasattr(scorer, "set_progress"):
@@ -167,15 +174,18 @@ def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., An
 class ModelHolder:
     """The current model; :meth:`refresh` swaps in a newly promoted champion (see module doc)."""
 
-    def __init__(self, model_dir: str | Path, *, device: str = "cpu", loader: Callable[..., Any] | None = None):
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", loader: Callable[..., Any] | None = None,
+                 expect: dict | None = None):
         self.model_dir = Path(model_dir)
         self.device = device
+        self.expect = expect
         self._loader = loader
-        self._current = load_model(self.model_dir, device=device, loader=loader)
+        self._current = load_model(self.model_dir, device=device, loader=loader, expect=expect)
+        self._identity = _identity(self.model_dir)
         self._refresh_lock = threading.Lock()
         self.reloads = 0
         self.last_reload_error: str | None = None
-        self.refused: tuple[Path, str | None] | None = None  # a bundle that failed; not retried until it changes
+        self.refused: tuple | None = None  # a bundle that failed; not retried until it changes
 
     @property
     def current(self) -> LoadedModel:
@@ -192,17 +202,20 @@ class ModelHolder:
             except Exception as error:  # the link is being swapped, or the store is gone for a moment
                 self.last_reload_error = f"{type(error).__name__}: {error}"
                 return False
-            if identity == (self._current.path, self._current.content_hash) or identity == self.refused:
+            if identity == self._identity:
+                self.last_reload_error = None  # a passing glitch (a link being swapped) is over
+                return False
+            if identity == self.refused:
                 return False
             try:
-                model = load_model(self.model_dir, device=self.device, loader=self._loader)
+                model = load_model(self.model_dir, device=self.device, loader=self._loader, expect=self.expect)
             except Exception as error:
                 self.refused = identity
                 self.last_reload_error = f"{identity[0].name} refused: {type(error).__name__}: {error}"
                 logger.warning("model reload refused, keeping %s: %s", self._current.version, self.last_reload_error)
                 return False
             previous = self._current.version
-            self._current = model  # one reference assignment: a batch uses the old or the new model
+            self._current, self._identity = model, identity  # a batch uses the old or the new model
             self.reloads += 1
             self.refused, self.last_reload_error = None, None
             logger.info("model reloaded: %s -> %s", previous, model.version)
@@ -214,43 +227,55 @@ class ModelHolder:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Upload:
-    """One decoded image waiting to be scored."""
+    """One image brought to a model's working size, waiting to be scored (the decoded file itself
+    is not kept: a queue of full-resolution images would be unbounded in memory)."""
 
     name: str
-    image: np.ndarray  # uint8 RGB, as decoded
+    image: np.ndarray  # uint8 RGB at the working size it was fitted to
+    original_size: tuple[int, int]  # (height, width) of the file
     note: str
     heatmap: bool
     decode_ms: float
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+def _number(value: float) -> float | None:
+    """A JSON-safe float: None for NaN and infinities."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
 def score_uploads(model: LoadedModel, uploads: Sequence[Upload], *, overlay_max_side: int | None = 1024,
-                  overlay_alpha: float = 0.5) -> list[dict]:
-    """Score ``uploads`` in one forward with ``model``: the answers, in order (see module doc)."""
+                  overlay_alpha: float = 0.5, threshold: float | None = None) -> list[dict]:
+    """Score ``uploads`` in one forward with ``model``: the answers, in order (see module doc).
+
+    An upload fitted to another working size (a model of another size was swapped in while it
+    waited) is fitted again. A score that is not a number is an NG verdict, never an OK one."""
     from fsad_pipeline.evaluation.figures import heatmap_overlay_image
     from fsad_pipeline.inspection.inspector import classify_flagged, overlay_size
 
     bundle, ensemble = model.bundle, model.ensemble
     started = time.perf_counter()
-    images = np.stack([fit_to_size(u.image, bundle.image_size) for u in uploads])
+    size = tuple(bundle.image_size)
+    images = np.stack([u.image if u.image.shape[:2] == size else fit_to_size(u.image, size) for u in uploads])
     outputs = ensemble.score_each(images)
     fused = ensemble.fusion.fuse(outputs)
-    threshold = float(bundle.threshold["threshold"])
+    threshold = float(bundle.threshold["threshold"]) if threshold is None else float(threshold)
     scores = np.asarray(fused["pred_score"], dtype=np.float64)
-    labels = (scores >= threshold).astype(int)
+    labels = (~(scores < threshold)).astype(int)  # NaN: NG
     defect = classify_flagged(bundle, images, fused["anomaly_map"], labels == 1)
     score_ms = (time.perf_counter() - started) * 1000.0
     display = bundle.fusion.map_display_range()
     answers = []
     for row, upload in enumerate(uploads):
-        height, width = upload.image.shape[:2]
+        height, width = upload.original_size
         answer: dict[str, Any] = {
-            "pred_score": float(scores[row]),
+            "pred_score": _number(scores[row]),
             "pred_label": int(labels[row]),
             "verdict": VERDICTS[int(labels[row])],
             "threshold": threshold,
             "model_version": model.version,
-            "scores": {name: float(outputs[name]["pred_score"][row]) for name in bundle.fusion.scorers},
+            "scores": {name: _number(outputs[name]["pred_score"][row]) for name in bundle.fusion.scorers},
             "image": {"name": upload.name, "width": int(width), "height": int(height), "converted": upload.note or None},
             "timings_ms": {"decode": upload.decode_ms, "queue": (started - upload.queued_at) * 1000.0,
                            "score_batch": score_ms, "batch_size": len(uploads)},
@@ -258,12 +283,15 @@ def score_uploads(model: LoadedModel, uploads: Sequence[Upload], *, overlay_max_
         if defect is not None:
             flagged = labels[row] == 1
             answer["defect_type"] = (str(defect["pred_defect_type"][row]) or "unknown") if flagged else None
-            answer["defect_probability"] = float(defect["pred_defect_probability"][row]) if flagged else None
+            answer["defect_probability"] = _number(defect["pred_defect_probability"][row]) if flagged else None
         if upload.heatmap:
+            caption = f"{answer['verdict']} {scores[row]:.3f}"
+            if answer.get("defect_type"):
+                caption += f" {answer['defect_type']}"
             overlay = heatmap_overlay_image(
                 images[row], fused["anomaly_map"][row], alpha=overlay_alpha,
                 **dict(zip(("vmin", "vmax"), display)), size=overlay_size((height, width), overlay_max_side),
-                caption=f"{answer['verdict']} {scores[row]:.3f}",
+                caption=caption,
             )
             answer["heatmap_png"] = base64.b64encode(_png_bytes(overlay)).decode("ascii")
         answers.append(answer)
@@ -302,6 +330,15 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
 
+    def free(self) -> int:
+        """Places left in the queue."""
+        return self.queue.maxsize - self.queue.qsize()
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise :class:`QueueFull` unless ``count`` more uploads fit (checked before decoding them)."""
+        if self.free() < count:
+            raise QueueFull(self.queue.maxsize)
+
     async def submit(self, upload: Upload) -> dict:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
@@ -324,18 +361,26 @@ class MicroBatcher:
             batch = [(upload, future) for upload, future in batch if not future.cancelled()]
             if not batch:
                 continue
-            try:
-                answers = await asyncio.to_thread(self.score, [upload for upload, _ in batch])
-            except Exception as error:  # one broken batch must not stop the worker
-                logger.error("scoring a batch of %d failed: %s: %s", len(batch), type(error).__name__, error)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(ServiceError(500, "the model could not score this image"))
-                continue
+            outcomes = await asyncio.to_thread(self._score_isolated, [upload for upload, _ in batch])
             self.batches += 1
-            for (_, future), answer in zip(batch, answers):
-                if not future.done():
-                    future.set_result(answer)
+            for (_, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _score_isolated(self, uploads: list[Upload]) -> list[dict | Exception]:
+        """The batch's answers; when the batch fails, each upload is scored alone, so only the
+        one that fails gets the error (one log line per failing upload, no traceback)."""
+        try:
+            return list(self.score(uploads))
+        except Exception as error:
+            if len(uploads) > 1:
+                return [self._score_isolated([upload])[0] for upload in uploads]
+            logger.error("scoring %s failed: %s: %s", uploads[0].name, type(error).__name__, error)
+            return [ServiceError(500, "the model could not score this image")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,15 +409,16 @@ async def _files_from(request, settings: ServiceSettings, *, many: bool) -> list
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await _read_body(request, settings.max_body_bytes)
-    if content_type.startswith("image/") or content_type in RAW_IMAGE_TYPES:
-        if many:
-            raise ServiceError(415, "a batch is sent as multipart/form-data with one part per image")
-        return [("body", body)]
-    if content_type != "multipart/form-data":
+    raw = content_type.startswith("image/") or content_type in RAW_IMAGE_TYPES
+    if raw and many:
+        raise ServiceError(415, "a batch is sent as multipart/form-data with one part per image")
+    if not raw and content_type != "multipart/form-data":
         raise ServiceError(
             415, f"unsupported content type {content_type or '(none)'!r}: send the image as image/*, "
                  "application/octet-stream or multipart/form-data")
+    body = await _read_body(request, settings.max_body_bytes)
+    if raw:
+        return [("body", body)]
 
     async def stream() -> AsyncIterator[bytes]:
         yield body
@@ -392,24 +438,27 @@ async def _files_from(request, settings: ServiceSettings, *, many: bool) -> list
     return files
 
 
-def _decode(name: str, data: bytes, settings: ServiceSettings, heatmap: bool) -> Upload:
+def _decode(name: str, data: bytes, settings: ServiceSettings, heatmap: bool, size: tuple[int, int]) -> Upload:
+    """Decode (the project's reader) and fit to the working ``size`` (as inspection does); run in a
+    worker thread, so a large file does not stall the event loop."""
     started = time.perf_counter()
     try:
         image, note = decode_image_with_note(data, max_pixels=settings.max_pixels, name=name)
     except BadImageError as error:
         status = 413 if "decompression-bomb guard" in error.reason else (400 if error.reason == "zero-byte file" else 422)
         raise ServiceError(status, f"{name}: {error.reason}") from None
-    return Upload(name, image, note, heatmap, (time.perf_counter() - started) * 1000.0)
+    fitted = fit_to_size(image, size)
+    return Upload(name, fitted, tuple(image.shape[:2]), note, heatmap, (time.perf_counter() - started) * 1000.0)
 
 
 def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, loader: Callable[..., Any] | None = None):
     """The FastAPI application (the model is loaded here unless ``holder`` is given)."""
     check_bind(settings.host, settings.token)
-    holder = holder or ModelHolder(settings.model_dir, device=settings.device, loader=loader)
+    holder = holder or ModelHolder(settings.model_dir, device=settings.device, loader=loader, expect=settings.expect)
 
     def score(uploads: list[Upload]) -> list[dict]:
         return score_uploads(holder.current, uploads, overlay_max_side=settings.overlay_max_side,
-                             overlay_alpha=settings.overlay_alpha)
+                             overlay_alpha=settings.overlay_alpha, threshold=settings.threshold)
 
     batcher = MicroBatcher(score, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                            queue_size=settings.queue_size)
@@ -448,6 +497,8 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
                                     headers={"WWW-Authenticate": "Bearer"})
         try:
             return await call_next(request)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to log
+            return JSONResponse({"detail": "client disconnected"}, status_code=400)
         except Exception as error:  # a bug: one line in the log, a 500, no traceback, the service lives on
             logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
             return JSONResponse({"detail": "internal error"}, status_code=500)
@@ -459,12 +510,16 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
         return value == "png"
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model_version": holder.current.version}
+    async def health():  # open to probes: with a token set it names no model
+        return {"status": "ok"} if settings.token else {"status": "ok", "model_version": holder.current.version}
 
     @app.get("/model")
     async def model():
-        return {**holder.current.describe(), "reloads": holder.reloads, "last_reload_error": holder.last_reload_error,
+        described = holder.current.describe()
+        if settings.threshold is not None:
+            described.update(threshold=float(settings.threshold), threshold_method="override",
+                             model_threshold=float(holder.current.bundle.threshold["threshold"]))
+        return {**described, "reloads": holder.reloads, "last_reload_error": holder.last_reload_error,
                 "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                            "queue_size": settings.queue_size, "max_body_bytes": settings.max_body_bytes,
                            "max_pixels": settings.max_pixels}}
@@ -473,8 +528,10 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
     async def inspect(request: Request):
         started = time.perf_counter()
         heatmap = _wants_heatmap(request)
+        batcher.check_room()  # a full queue answers at once, before the body is read or decoded
         (name, data), = await _files_from(request, settings, many=False)
-        answer = await batcher.submit(_decode(name, data, settings, heatmap))
+        upload = await asyncio.to_thread(_decode, name, data, settings, heatmap, tuple(holder.current.bundle.image_size))
+        answer = await batcher.submit(upload)
         answer["timings_ms"]["total"] = (time.perf_counter() - started) * 1000.0
         return answer
 
@@ -482,28 +539,27 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
     async def inspect_batch(request: Request):
         started = time.perf_counter()
         heatmap = _wants_heatmap(request)
+        batcher.check_room()
         files = await _files_from(request, settings, many=True)
-        jobs = []
-        for name, data in files:
-            try:
-                jobs.append(batcher.submit(_decode(name, data, settings, heatmap)))
-            except ServiceError as error:
-                jobs.append(_failed(error))
+        batcher.check_room(len(files))  # the whole batch is queued or refused: no partial 503s
+        size = tuple(holder.current.bundle.image_size)
+
+        async def one(name: str, data: bytes) -> dict:
+            upload = await asyncio.to_thread(_decode, name, data, settings, heatmap, size)
+            return await batcher.submit(upload)
+
         results = []
-        for (name, _), outcome in zip(files, await asyncio.gather(*jobs, return_exceptions=True)):
+        for (name, _), outcome in zip(files, await asyncio.gather(*(one(n, d) for n, d in files), return_exceptions=True)):
             if isinstance(outcome, ServiceError):
                 results.append({"name": name, "status": outcome.status, "detail": outcome.detail})
             elif isinstance(outcome, Exception):
-                raise outcome
+                logger.error("scoring %s failed: %s: %s", name, type(outcome).__name__, outcome)
+                results.append({"name": name, "status": 500, "detail": "internal error"})
             else:
                 results.append({"name": name, "status": 200, **outcome})
         return {"results": results, "timings_ms": {"total": (time.perf_counter() - started) * 1000.0}}
 
     return app
-
-
-async def _failed(error: ServiceError) -> dict:
-    raise error
 
 
 def settings_summary(settings: ServiceSettings) -> str:

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from fsad_pipeline.artifacts import load_sample_set, read_json, save_sample_set, write_json
-from fsad_pipeline.data.geometry import fit_to_size
 from fsad_pipeline.evaluation.metrics import image_auroc
 from fsad_pipeline.model_store.bundle import load_bundle
 from fsad_pipeline.scoring.ensemble import score_in_chunks
@@ -75,20 +74,29 @@ def frozen_validation_record(store_root: str | Path) -> dict:
 
 
 def validation_at_size(validation: PseudoAnomalySet, image_size: tuple[int, int]) -> PseudoAnomalySet:
-    """The set brought to a model's working size (H, W): images keep their aspect (cover + centre
-    crop, as inspection does), masks follow with nearest-neighbour. The same set at the same size
-    is returned as is. A model trained at another size is compared on the *same* images resized,
-    never on a set frozen anew."""
+    """The set brought to a model's working size (H, W): every image resized whole (no crop could
+    cut a defect out of its own row), each mask area-resized and kept where any defect pixel
+    falls, so every anomalous row keeps a defect. The same set at the same size is returned as
+    is. A model trained at another size is compared on the *same* images resized, never on a
+    set frozen anew."""
+    import cv2
+
+    from fsad_pipeline.data.images import resize_image
+
     size = tuple(int(v) for v in image_size)
     if tuple(validation.images.shape[1:3]) == size:
         return validation
+    height, width = size
 
-    def fitted(images: np.ndarray, masks: bool) -> np.ndarray:
-        resized = [fit_to_size(image, size, mask=masks) for image in images]
-        return np.stack(resized).astype(images.dtype) if resized else np.zeros((0, *size, *images.shape[3:]), images.dtype)
+    def images(stack: np.ndarray) -> np.ndarray:
+        return np.stack([resize_image(image, size) for image in stack]) if len(stack) else np.zeros((0, *size, 3), stack.dtype)
 
-    return replace(validation, images=fitted(validation.images, False), normals=fitted(validation.normals, False),
-                   masks=fitted(validation.masks, True)).validate()
+    def masks(stack: np.ndarray) -> np.ndarray:
+        resized = [cv2.resize(m.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) > 0 for m in stack]
+        return np.stack(resized).astype(stack.dtype) if resized else np.zeros((0, *size), stack.dtype)
+
+    return replace(validation, images=images(validation.images), normals=images(validation.normals),
+                   masks=masks(validation.masks)).validate()
 
 
 def bundle_validation_auroc(bundle_dir: str | Path, validation: PseudoAnomalySet, *, device: str = "cpu") -> dict:

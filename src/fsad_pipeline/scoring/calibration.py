@@ -48,8 +48,9 @@ def target_fpr_threshold(normal_scores: np.ndarray, target_false_alarm_rate: flo
     if not 0.0 < target < 1.0:
         raise ValueError(f"target_false_alarm_rate must be in (0, 1), got {target_false_alarm_rate!r}")
     normals = np.sort(np.asarray(normal_scores, dtype=np.float64).reshape(-1))
-    normals = normals[np.isfinite(normals)]
-    n = int(normals.size)
+    if np.isnan(normals).any():
+        raise ValueError(f"{int(np.isnan(normals).sum())} calibration score(s) are NaN: the model is broken, no threshold")
+    n = int(normals.size)  # +inf counts as a score above every threshold (np.sort puts it last)
     if n == 0:
         raise ValueError("cannot calibrate a threshold without good calibration images")
     exceedances = max(0, int(math.floor(target * (n + 1) + 1e-9)) - 1)  # j: calibration scores allowed above

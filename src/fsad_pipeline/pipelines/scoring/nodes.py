@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
@@ -16,6 +18,8 @@ from fsad_pipeline.scoring.fusion import Fusion, fit_fusion
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
+
+logger = logging.getLogger(__name__)
 
 # Keys of the ``fusion`` parameters passed on to ``fit_fusion`` (``defect_views`` is the memory_bank stage's).
 FUSION_OPTIONS = (
@@ -129,18 +133,27 @@ def calibrate_decision(
     as positives; without any it falls back to the target false-alarm rate.
     """
     scores = np.asarray(validation_scores, dtype=np.float64)
+    exchangeable = True
     if calibration_scores is not None and len(calibration_scores):
         normals, source = np.asarray(calibration_scores, dtype=np.float64), "support pool (good images never fitted on)"
     else:
         rows = np.flatnonzero(validation.labels == 0)
         _, first = np.unique(validation.source_index[rows], return_index=True)
         normals, source = scores[rows[first]], "held-out supports (one row per support image)"
+        # The fusion's normalisation was fitted on these very rows, and some scorers may have
+        # seen them: they are not exchangeable with new good images, so no rate is promised.
+        exchangeable = False
     defects = scores[(validation.defect_shot >= 0) & (validation.labels == 1)]
     labels = np.r_[np.zeros(normals.size, int), np.ones(defects.size if method != "target_fpr" else 0, int)]
     values = np.r_[normals, defects if method != "target_fpr" else np.zeros(0)]
     decision = calibrate_threshold(labels, values, method=method, target_false_alarm_rate=target_false_alarm_rate)
     decision.setdefault("target_false_alarm_rate", float(target_false_alarm_rate))
-    return {**decision, "calibration_source": source, "real_defect_views": int(defects.size)}
+    if not exchangeable:
+        decision["expected_false_alarm_rate"] = None
+        decision["note"] = ("no good images beyond the supports: the threshold sits above the held-out supports' "
+                            "scores, and no false-alarm rate can be promised (threshold.calibration_images)")
+        logger.warning("threshold: %s", decision["note"])
+    return {**decision, "calibration_source": source, "exchangeable": exchangeable, "real_defect_views": int(defects.size)}
 
 
 def score_test_images(
@@ -171,7 +184,7 @@ def score_test_images(
             "defect_type": test["defect_type"],
             "mask_path": test["mask_path"],
             "pred_score": result["pred_scores"],
-            "pred_label": (result["pred_scores"] >= threshold).astype(int),
+            "pred_label": (~(result["pred_scores"] < threshold)).astype(int),  # a NaN score is NG
             **{f"score_{name}": values for name, values in result["scorer_scores"].items()},
         }
     )
