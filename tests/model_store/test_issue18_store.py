@@ -1,21 +1,18 @@
 """Issue 18: the bundle's content hash and files table are checked, folders respect the umask,
-the frozen validation set is frozen at the first promotion and never silently re-frozen,
-and the promotion log names the version it made."""
+and the promotion log names the version it made (the frozen validation set: test_issue18_retrain.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import stat
 
-import numpy as np
 import pytest
 
-from fsad_pipeline.artifacts import atomic_directory, load_sample_set
+from fsad_pipeline.artifacts import atomic_directory
 from fsad_pipeline.model_store.bundle import MANIFEST_FILE, BundleError, export_bundle, load_bundle, verify_bundle
-from fsad_pipeline.model_store.store import ModelStore, export_and_promote
+from fsad_pipeline.model_store.store import ModelStore
 
 
 def _export(parts, target):
@@ -113,3 +110,12 @@ def test_atomic_directories_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "artifact").stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode)
+
+
+# ------------------------------------------------------------------ defect 10: the promotion log names its version
+def test_a_promotion_logs_the_version_it_made(tmp_path, bundle_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fsad_pipeline.model_store.store"):
+        ModelStore(tmp_path / "models").promote(bundle_dir, {"kind": "test"})
+    assert any("promoted v0001 to champion" in r.getMessage() for r in caplog.records)

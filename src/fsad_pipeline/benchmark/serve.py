@@ -233,21 +233,22 @@ def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurre
     before_files = tree_digest(model_dir)
     server = ServerProcess(model_dir, out / "serve_server.log", max_batch=max_batch, queue_size=queue_size)
     levels, restarts = [], []
+    def kill_and_restart() -> None:
+        server.kill()
+        started = time.perf_counter()
+        server.start()
+        restarts.append({"after_requests": requests // 2, "restart_seconds": time.perf_counter() - started,
+                         "champion_unchanged": tree_digest(model_dir) == before_files})
+
     try:
         server.start()
         for level in concurrency:
             rss_before = server.rss_mib()
-            kill = None
-            if level == concurrency[len(concurrency) // 2]:  # the middle level loses its server midway
-                def kill():
-                    server.kill()
-                    started = time.perf_counter()
-                    server.start()
-                    restarts.append({"after_requests": requests // 2, "restart_seconds": time.perf_counter() - started,
-                                     "champion_unchanged": tree_digest(model_dir) == before_files})
+            killed = level == concurrency[len(concurrency) // 2]  # the middle level loses its server midway
             result = asyncio.run(_load(server.url, images, concurrency=level, requests=requests, bad_every=bad_every,
-                                       seed=level, kill_after=requests // 2 if kill else None, on_kill=kill))
-            result.update(rss_before_mib=rss_before, rss_after_mib=server.rss_mib(), restarted=bool(kill))
+                                       seed=level, kill_after=requests // 2 if killed else None,
+                                       on_kill=kill_and_restart if killed else None))
+            result.update(rss_before_mib=rss_before, rss_after_mib=server.rss_mib(), restarted=killed)
             result["rss_growth_mib"] = result["rss_after_mib"] - result["rss_before_mib"]
             levels.append(result)
             print(f"[serve] {level} client(s): p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
