@@ -162,9 +162,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help=f"model folder (default: the project's inference.model_dir, else {DEFAULT_MODEL_DIR})")
     parser.add_argument("--project", type=Path, default=None, help="project folder whose conf gives defaults")
     parser.add_argument("--device", help="auto | cpu | cuda (default: the project's device, else cpu)")
-    parser.add_argument("--max-batch", type=_positive_int, help="images scored in one forward (default 8)")
+    parser.add_argument("--max-batch", type=_positive_int, help="images scored in one forward (default 4)")
     parser.add_argument("--max-wait-ms", type=float, help="how long a request waits for company (default 10)")
-    parser.add_argument("--queue-size", type=_positive_int, help="requests waiting before 503 (default 32)")
+    parser.add_argument("--queue-size", type=_positive_int, help="requests waiting before 503 (default 4)")
     parser.add_argument("--max-body-mb", type=_positive_float, help="request body limit in MiB (default 20)")
     parser.add_argument("--reload-interval", type=float, help="seconds between champion checks (default 2; 0: never)")
     args = parser.parse_args(argv)
@@ -190,9 +190,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         host=str(pick(args.host, "host", "127.0.0.1")),
         token=os.environ.get(TOKEN_ENV) or None,
         device=str(args.device or params.get("device") or "auto"),
-        max_batch=int(pick(args.max_batch, "max_batch", 8)),
+        max_batch=int(pick(args.max_batch, "max_batch", ServiceSettings.max_batch)),
         max_wait_ms=float(pick(args.max_wait_ms, "max_wait_ms", 10.0)),
-        queue_size=int(pick(args.queue_size, "queue_size", 32)),
+        queue_size=int(pick(args.queue_size, "queue_size", ServiceSettings.queue_size)),
         max_body_bytes=int(float(pick(args.max_body_mb, "max_body_mb", 20.0)) * 2**20),
         max_pixels=int((params.get("data") or {}).get("max_pixels") or 40_000_000),
         reload_interval=float(pick(args.reload_interval, "reload_interval", 2.0)),

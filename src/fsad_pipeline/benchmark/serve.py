@@ -55,7 +55,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 class ServerProcess:
     """``fsad-serve`` in a child process; :meth:`start` waits for ``/health``."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *, max_batch: int = 8, queue_size: int = 64):
+    def __init__(self, model_dir: Path, log_path: Path, *, max_batch: int = 4, queue_size: int = 4):
         self.model_dir, self.log_path = Path(model_dir), Path(log_path)
         self.options = ["--max-batch", str(max_batch), "--queue-size", str(queue_size), "--reload-interval", "0"]
         self.port = _free_port()
@@ -112,13 +112,22 @@ def bad_inputs(good: bytes) -> list[tuple[bytes, str, int]]:
             (good, "text/plain", 415)]
 
 
+#: A client that gets 503 (queue full) or no connection (server restarting) waits this long and
+#: sends the same request again, as a camera station would; each such answer is counted.
+RETRY_SECONDS, RETRY_LIMIT_SECONDS = 0.05, 120.0
+
+
 async def _load(url: str, images: list[bytes], *, concurrency: int, requests: int, bad_every: int, seed: int,
-                kill_after: int | None = None, on_kill=None) -> dict[str, Any]:
-    """``requests`` requests from ``concurrency`` clients; latencies of the good ones, status counts."""
+                kill_after: int | None = None, on_kill=None, warmup: int = 0) -> dict[str, Any]:
+    """``requests`` requests from ``concurrency`` clients; latencies of the good ones, status counts.
+
+    A request answered 503, or met by a dead connection while the server restarts, is sent again
+    after :data:`RETRY_SECONDS`; its latency runs from its last attempt (the answered one). The
+    server's RSS is not read here. ``warmup`` good requests are sent first and not counted."""
     import httpx
 
     rng = random.Random(seed)
-    plan = []
+    plan = [("good", rng.choice(images), "image/png", 200) for _ in range(warmup)]
     for index in range(requests):
         if bad_every and index % bad_every == bad_every - 1:
             plan.append(("bad", *rng.choice(bad_inputs(rng.choice(images)))))
@@ -130,6 +139,9 @@ async def _load(url: str, images: list[bytes], *, concurrency: int, requests: in
     position = 0
     done = 0
     lock = asyncio.Lock()
+    restarting = asyncio.Event()
+    restarting.set()  # set: the server is up
+    measured_from: list[float] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal position, done
@@ -137,34 +149,49 @@ async def _load(url: str, images: list[bytes], *, concurrency: int, requests: in
             async with lock:
                 if position >= len(plan):
                     return
-                kind, body, content_type, expected = plan[position]
+                index = position
+                kind, body, content_type, expected = plan[index]
                 position += 1
-            started = time.perf_counter()
-            try:
-                response = await http.post(f"{url}/inspect", content=body, headers={"content-type": content_type})
-                status = response.status_code
-            except httpx.HTTPError as error:  # the server was killed under this request
-                status = f"connection error ({type(error).__name__})"
+            counted = index >= warmup
+            if counted and not measured_from:
+                measured_from.append(time.perf_counter())
+            deadline = time.monotonic() + RETRY_LIMIT_SECONDS
+            while True:
+                await restarting.wait()
+                started = time.perf_counter()
+                try:
+                    response = await http.post(f"{url}/inspect", content=body, headers={"content-type": content_type})
+                    status: int | str = response.status_code
+                except httpx.HTTPError as error:  # the server was killed under this request
+                    status = f"connection error ({type(error).__name__})"
+                if counted:
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+                if (status == 503 or not isinstance(status, int)) and time.monotonic() < deadline:
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                break
+            if not counted:
+                continue
             elapsed = (time.perf_counter() - started) * 1000.0
-            statuses[str(status)] = statuses.get(str(status), 0) + 1
             if kind == "good" and status == 200:
                 latencies.append(elapsed)
-            elif status != expected and status != 503:
+            elif status != expected:
                 unexpected.append(f"{kind} -> {status}")
             done += 1
             if kill_after is not None and done == kill_after and on_kill is not None:
+                restarting.clear()  # the other clients hold their next request until the server is back
                 await asyncio.to_thread(on_kill)
+                restarting.set()
 
-    started = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - (measured_from[0] if measured_from else time.perf_counter())
     values = np.asarray(latencies) if latencies else np.zeros(1)
     five_xx = sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500 and int(s) != 503)
     return {
         "concurrency": concurrency, "requests": requests, "good_answered": len(latencies), "wall_seconds": wall,
-        "throughput_img_s": len(latencies) / wall if wall else None,
+        "throughput_img_s": len(latencies) / wall if wall > 0 else None,
         "p50_ms": float(np.percentile(values, 50)), "p95_ms": float(np.percentile(values, 95)),
         "p99_ms": float(np.percentile(values, 99)), "statuses": statuses, "errors_5xx": five_xx,
         "unexpected": unexpected[:20], "n_unexpected": len(unexpected),
@@ -222,7 +249,7 @@ def champion_for_benchmark(model: Path | None, scratch: Path) -> Path:
 
 
 def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurrency: tuple[int, ...] = CONCURRENCY,
-                    bad_every: int = 10, max_batch: int = 8, queue_size: int = 32) -> dict[str, Any]:
+                    bad_every: int = 10, max_batch: int | None = None, queue_size: int | None = None) -> dict[str, Any]:
     """The load test (module docstring); writes ``serve.json`` and ``serve.md`` and returns the record."""
     from fsad_pipeline.model_store.bundle import read_manifest
 
@@ -231,6 +258,10 @@ def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurre
     manifest = read_manifest(Path(model_dir).resolve())
     batch_rate = (manifest.get("metrics") or {}).get("score_images_per_second")
     before_files = tree_digest(model_dir)
+    from fsad_pipeline.inspection.service import ServiceSettings
+
+    max_batch = int(max_batch or ServiceSettings.max_batch)  # the service's own defaults unless given
+    queue_size = int(queue_size or ServiceSettings.queue_size)
     server = ServerProcess(model_dir, out / "serve_server.log", max_batch=max_batch, queue_size=queue_size)
     levels, restarts = [], []
     def kill_and_restart() -> None:
@@ -243,8 +274,12 @@ def serve_benchmark(model_dir: Path, out: Path, *, requests: int = 500, concurre
     try:
         server.start()
         for level in concurrency:
-            rss_before = server.rss_mib()
             killed = level == concurrency[len(concurrency) // 2]  # the middle level loses its server midway
+            # Warm up at this concurrency first (the allocator's high-water mark for full batches is
+            # not a leak), then read the RSS the run must not grow from.
+            asyncio.run(_load(server.url, images, concurrency=level, requests=0, bad_every=0, seed=level,
+                              warmup=4 * max(level, max_batch)))
+            rss_before = server.rss_mib()
             result = asyncio.run(_load(server.url, images, concurrency=level, requests=requests, bad_every=bad_every,
                                        seed=level, kill_after=requests // 2 if killed else None,
                                        on_kill=kill_and_restart if killed else None))

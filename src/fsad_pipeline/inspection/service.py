@@ -80,9 +80,9 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     token: str | None = None
     device: str = "cpu"
-    max_batch: int = 8
+    max_batch: int = 4
     max_wait_ms: float = 10.0
-    queue_size: int = 32
+    queue_size: int = 4
     max_body_bytes: int = 20 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = 16
