@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -318,6 +319,9 @@ class MicroBatcher:
         self.queue: asyncio.Queue[tuple[Upload, asyncio.Future]] = asyncio.Queue(maxsize=int(queue_size))
         self.batches = 0
         self._task: asyncio.Task | None = None
+        # One scoring thread: batches run one after the other, and few threads mean few malloc
+        # arenas (a thread per request made the RSS creep under load).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsad-score")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -329,6 +333,7 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def free(self) -> int:
         """Places left in the queue."""
@@ -361,7 +366,8 @@ class MicroBatcher:
             batch = [(upload, future) for upload, future in batch if not future.cancelled()]
             if not batch:
                 continue
-            outcomes = await asyncio.to_thread(self._score_isolated, [upload for upload, _ in batch])
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._score_isolated, [upload for upload, _ in batch])
             self.batches += 1
             for (_, future), outcome in zip(batch, outcomes):
                 if future.done():
@@ -463,6 +469,12 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
     batcher = MicroBatcher(score, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                            queue_size=settings.queue_size)
 
+    # Decoding and fitting uploads: two threads at most, off the event loop (see MicroBatcher).
+    decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fsad-decode")
+
+    async def decode(*arguments) -> Upload:
+        return await asyncio.get_running_loop().run_in_executor(decoders, _decode, *arguments)
+
     async def poll_champion() -> None:
         while True:
             await asyncio.sleep(settings.reload_interval)
@@ -479,6 +491,7 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
             if poller is not None:
                 poller.cancel()
             await batcher.stop()
+            decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fsad_pipeline inspection service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.holder, app.state.batcher, app.state.settings = holder, batcher, settings
@@ -530,7 +543,7 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
         heatmap = _wants_heatmap(request)
         batcher.check_room()  # a full queue answers at once, before the body is read or decoded
         (name, data), = await _files_from(request, settings, many=False)
-        upload = await asyncio.to_thread(_decode, name, data, settings, heatmap, tuple(holder.current.bundle.image_size))
+        upload = await decode(name, data, settings, heatmap, tuple(holder.current.bundle.image_size))
         answer = await batcher.submit(upload)
         answer["timings_ms"]["total"] = (time.perf_counter() - started) * 1000.0
         return answer
@@ -545,7 +558,7 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
         size = tuple(holder.current.bundle.image_size)
 
         async def one(name: str, data: bytes) -> dict:
-            upload = await asyncio.to_thread(_decode, name, data, settings, heatmap, size)
+            upload = await decode(name, data, settings, heatmap, size)
             return await batcher.submit(upload)
 
         results = []
