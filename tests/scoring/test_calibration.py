@@ -55,22 +55,27 @@ def test_the_earlier_method_name_still_works_and_unknown_ones_do_not():
         target_fpr_threshold(np.arange(5.0), 0.0)
 
 
-def test_calibration_images_are_pool_images_that_are_neither_supports_nor_test_images():
+def test_calibration_and_fusion_images_are_disjoint_pool_images_that_are_neither_supports_nor_test_images():
     import pandas as pd
 
-    from fsad_pipeline.data.sampling import calibration_paths
+    from fsad_pipeline.data.sampling import unseen_good_paths
 
     manifest = pd.DataFrame({
         "path": [f"train/{i}.png" for i in range(10)] + [f"test/{i}.png" for i in range(5)],
         "split": ["train"] * 10 + ["test"] * 5, "label": [0] * 10 + [0, 0, 1, 1, 1],
     })
     selection = {"rounds": [["train/0.png", "train/3.png"], ["train/5.png", "train/3.png"]]}
-    chosen = calibration_paths(manifest, selection, count=4, seed=0)
-    assert len(chosen) == 4 and chosen == sorted(chosen)
-    assert all(p.startswith("train/") for p in chosen) and not {"train/0.png", "train/3.png", "train/5.png"} & set(chosen)
-    assert calibration_paths(manifest, selection, count=4, seed=0) == chosen  # seeded
-    assert len(calibration_paths(manifest, selection, count=50, seed=0)) == 7  # the whole rest of the pool
-    assert calibration_paths(manifest, selection, count=0, seed=0) == []
+    chosen, fusion = unseen_good_paths(manifest, selection, calibration=4, fusion=2, seed=0)
+    assert len(chosen) == 4 and chosen == sorted(chosen) and len(fusion) == 2 and fusion == sorted(fusion)
+    assert not set(chosen) & set(fusion)
+    assert all(p.startswith("train/") for p in chosen + fusion)
+    assert not {"train/0.png", "train/3.png", "train/5.png"} & set(chosen + fusion)
+    assert unseen_good_paths(manifest, selection, calibration=4, fusion=2, seed=0) == (chosen, fusion)  # seeded
+    # The fusion takes at most a third of the 7 unseen images; the threshold the rest.
+    calibration, fusion = unseen_good_paths(manifest, selection, calibration=50, fusion=50, seed=0)
+    assert len(fusion) == 2 and len(calibration) == 5
+    assert len(unseen_good_paths(manifest, selection, calibration=50, seed=0)[0]) == 7  # the whole rest of the pool
+    assert unseen_good_paths(manifest, selection, calibration=0, seed=0) == ([], [])
 
 
 def _validation(labels, sources, shots):

@@ -321,3 +321,31 @@ def test_real_defect_views_weigh_as_much_as_the_many_pseudo_anomalies():
     assert record["b"]["image_auroc_real"] == 1.0 and record["a"]["image_auroc_real"] < 0.05
     assert record["b"]["selection_auroc"] == pytest.approx((record["b"]["image_auroc_synthetic"] + 1.0) / 2)
     assert with_real.search["scores"]["objective_parts"] == ["synthetic", "real"]
+
+
+def test_real_defect_views_are_compared_with_unseen_good_images_scored_as_they_are():
+    """A bank scorer reads its held-out supports high (each scored against a bank without it)
+    and unseen good images low (scored against the full bank, as the real defect views and the
+    test images are). Against the held-out supports the real views look normal to it (real part
+    0); against the unseen good images, scored alike, it is the better scorer and is chosen. The
+    unseen images also set its normalisation (their median is its location)."""
+    rng = np.random.default_rng(1)
+    n_held, n_synthetic, n_real, n_unseen = 6, 30, 6, 20
+    labels = np.array([0] * n_held + [1] * n_synthetic + [1] * n_real + [0] * n_unseen)
+    real = np.r_[np.zeros(n_held + n_synthetic, bool), np.ones(n_real, bool), np.zeros(n_unseen, bool)]
+    unseen = np.r_[np.zeros(n_held + n_synthetic + n_real, bool), np.ones(n_unseen, bool)]
+    bank = np.r_[rng.normal(5.0, 0.1, n_held), rng.normal(7.0, 0.5, n_synthetic), rng.normal(3.0, 0.1, n_real),
+                 rng.normal(1.0, 0.1, n_unseen)]
+    other = np.r_[rng.normal(0, 1, n_held), rng.normal(2.0, 1, n_synthetic), rng.normal(0, 1, n_real),
+                  rng.normal(0, 1, n_unseen)]
+    outputs = {"bank": _outputs(bank), "other": _outputs(other)}
+    first = ~unseen  # the validation without the unseen images
+    without = fit_fusion({n: {k: v[first] for k, v in o.items()} for n, o in outputs.items()}, labels[first],
+                         n_trials=0, seed=0, real=real[first])
+    assert without.validation["scorers"]["bank"]["image_auroc_real"] == 0.0  # real views below the held-out supports
+    fitted = fit_fusion(outputs, labels, n_trials=0, seed=0, real=real, unseen=unseen)
+    record = fitted.validation["scorers"]["bank"]
+    assert record["image_auroc_real"] == 1.0 and record["image_auroc_synthetic"] == 1.0
+    assert fitted.score_weights == {"bank": 1.0, "other": 0.0}
+    assert fitted.stats["bank"].score_loc == pytest.approx(np.median(bank[unseen]))
+    assert fitted.validation["unseen_normal_rows"] == n_unseen

@@ -57,7 +57,7 @@ def _suite(args: argparse.Namespace) -> int:
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="fsad-suite-"))
     scratch.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = run_suite(datasets, args.ks, args.seeds, workdir=make_workdir(scratch), out=args.out,
+    runs = run_suite(datasets, args.ks, args.seeds, workdir=scratch, out=args.out,
                      extra_params=args.params, env_name=args.env)
     print(suite_markdown(runs))
     return 0

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters, load_parameters_with, run_once
+from fsad_pipeline.benchmark.runs import PROJECT_ROOT, load_parameters, load_parameters_with, make_workdir, run_once
 
 #: The suite's metrics, for the fused result, every scorer and the plain reference.
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -362,14 +362,21 @@ def run_suite(
     extra_params: str = "",
     env_name: str | None = None,
 ) -> list[dict]:
-    """Every dataset x k x seed through :func:`suite_run`; the files are rewritten after each run."""
+    """Every dataset x k x seed through :func:`suite_run`; the files are rewritten after each run.
+
+    Each dataset runs in its own scratch project ``workdir/<dataset>``, so the last run of every
+    dataset stays there to be inspected or re-run from a node (``kedro run --from-nodes``)."""
     runs: list[dict] = []
     settings = {"datasets": [d.name for d in datasets], "ks": ks, "seeds": seeds, "params": extra_params, "env": env_name}
     for dataset in datasets:
+        project = Path(workdir) / dataset.name
+        if not (project / "conf").exists():
+            project.mkdir(parents=True, exist_ok=True)
+            make_workdir(project)
         for k in ks:
             for seed in seeds:
                 print(f"[suite] {dataset.name} k={k} seed={seed} ...", flush=True)
-                record = suite_run(workdir, dataset, k, seed, extra_params=extra_params, env_name=env_name,
+                record = suite_run(project, dataset, k, seed, extra_params=extra_params, env_name=env_name,
                                    log_path=out / f"suite_{dataset.name}_k{k}_seed{seed}.log")
                 runs.append(record)
                 print(f"[suite] {dataset.name} k={k} seed={seed}: fused image AUROC {_fmt(record[FUSED]['image_auroc'])}, "

@@ -56,18 +56,21 @@ def select_support(manifest: pd.DataFrame, *, k_shot: int, seed: int, rounds: in
     return {"k_shot": int(k_shot), "seed": int(seed), "pool_size": len(pool), "rounds": selections}
 
 
-def calibration_paths(manifest: pd.DataFrame, support_selection: dict, *, count: int, seed: int) -> list[str]:
-    """Up to ``count`` good images of the support pool that are not among the supports of any
-    round: good images the model is never fitted on, drawn (seeded) to calibrate the decision
-    threshold. They come from the training pool, never from the test set. Sorted."""
-    if count <= 0:
-        return []
+def unseen_good_paths(
+    manifest: pd.DataFrame, support_selection: dict, *, calibration: int, fusion: int = 0, seed: int
+) -> tuple[list[str], list[str]]:
+    """Good images of the support pool that are no support of any round (the model is never
+    fitted on them; never test images), as two disjoint seeded draws, each sorted: up to
+    ``calibration`` to calibrate the decision threshold and up to ``fusion`` as the fusion's
+    unseen normals. The fusion takes at most a third of them, so that a small pool keeps most
+    of its images for the threshold."""
     supports = {path for paths in support_selection.get("rounds", []) for path in paths}
     rest = [path for path in support_pool(manifest) if path not in supports]
-    if len(rest) <= count:
-        return rest
-    rng = np.random.default_rng([int(seed), 104729])
-    return sorted(rest[i] for i in rng.choice(len(rest), size=int(count), replace=False))
+    order = np.random.default_rng([int(seed), 104729]).permutation(len(rest))
+    n_fusion = min(max(int(fusion), 0), len(rest) // 3)
+    chosen_fusion = sorted(rest[i] for i in order[:n_fusion])
+    chosen_calibration = sorted(rest[i] for i in order[n_fusion : n_fusion + max(int(calibration), 0)])
+    return chosen_calibration, chosen_fusion
 
 
 def evaluation_set(manifest: pd.DataFrame, exclude: Sequence[str] = ()) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from fsad_pipeline.data.geometry import as_hw
-from fsad_pipeline.data.sampling import calibration_paths, defect_shot_paths, evaluation_set
+from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set, load_images, unseen_good_paths
 from fsad_pipeline.models.features import select_device
 from fsad_pipeline.scoring.batch import score_paths
 from fsad_pipeline.scoring.calibration import calibrate_threshold
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 FUSION_OPTIONS = (
     "search", "n_trials", "min_gain", "normal_quantile", "normal_pixel_quantile", "score_scale", "max_pixels"
 )
+#: The fusion validation's row arrays extended by the unseen good images.
+_OUTPUT_KEYS = ("anomaly_map", "pred_score")
 
 
 def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None, with_dfd=True):
@@ -58,7 +60,9 @@ def fit_score_fusion(
 ) -> dict:
     """Per-scorer normalisation and fusion weights on validation data, then the decision threshold.
 
-    The validation set is the synthetic split plus augmented labelled defect shots (when any).
+    The validation set is the synthetic split plus augmented labelled defect shots (when any),
+    plus ``fusion.unseen_normals`` good images of the support pool that the model never saw,
+    scored here by the fitted scorers as a test image is (:func:`fit_fusion`'s ``unseen``).
     The patch scorers' validation outputs come from the memory_bank stage (leave-one-out);
     the image scorers (DFD, WinCLIP) score the validation images here. The record's
     ``validation`` holds the per-scorer and fused validation AUROCs (and per pseudo-anomaly
@@ -71,7 +75,34 @@ def fit_score_fusion(
         **score_in_chunks(ensemble, fusion_validation.images),
         **patch_validation,
     }
+    calibration, unseen_paths = (
+        unseen_good_paths(
+            manifest, support_selection, calibration=int(threshold.get("calibration_images", 0)),
+            fusion=int(fusion.get("unseen_normals", 0)), seed=int(seed),
+        )
+        if manifest is not None and support_selection is not None else ([], [])
+    )
     labels = fusion_validation.labels
+    masks, mask_known = fusion_validation.masks, fusion_validation.mask_known
+    families = getattr(fusion_validation, "family", None)
+    real = fusion_validation.defect_shot >= 0
+    unseen = np.zeros(len(labels), bool)
+    if unseen_paths:
+        logger.info("fusion: %d unseen good images of the pool as validation normals", len(unseen_paths))
+        images = load_images(unseen_paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
+        full = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device)
+        extra = score_in_chunks(full, images)
+        outputs = {
+            name: {key: np.concatenate([outputs[name][key], extra[name][key]]) for key in _OUTPUT_KEYS}
+            for name in outputs
+        }
+        n = len(images)
+        labels = np.concatenate([labels, np.zeros(n, labels.dtype)])
+        masks = None if masks is None else np.concatenate([masks, np.zeros((n, *masks.shape[1:]), masks.dtype)])
+        mask_known = None if mask_known is None else np.concatenate([mask_known, np.ones(n, bool)])
+        families = None if families is None else np.concatenate([families, np.full(n, "normal", dtype=families.dtype)])
+        real = np.concatenate([real, np.zeros(n, bool)])
+        unseen = np.concatenate([unseen, np.ones(n, bool)])
     options = {key: fusion[key] for key in FUSION_OPTIONS if key in fusion}  # absent: fit_fusion's defaults
     # Whether a scorer's validation normals were kept out of what it was fitted on: the patch
     # scorers score them leave-one-support-out (k >= 2) and a cross-fitted DFD by the member
@@ -85,32 +116,30 @@ def fit_score_fusion(
     fitted = fit_fusion(
         outputs,
         labels,
-        fusion_validation.masks,
-        mask_known=fusion_validation.mask_known,
-        families=getattr(fusion_validation, "family", None),
+        masks,
+        mask_known=mask_known,
+        families=families,
         seed=int(seed),
         in_sample=[] if fusion.get("in_sample_alone", False) else [n for n, held in held_out.items() if not held],
-        real=fusion_validation.defect_shot >= 0,
+        real=real,
+        unseen=unseen,
         **options,
-    )
-    calibration = (
-        calibration_paths(manifest, support_selection, count=int(threshold.get("calibration_images", 0)), seed=int(seed))
-        if manifest is not None and support_selection is not None else []
     )
     calibration_scores = None
     if calibration:
         scorers = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fitted)
         calibration_scores = score_paths(scorers, calibration, max_pixels=int(data["max_pixels"]), progress=False)["pred_scores"]
     decision = calibrate_decision(
-        fitted.fuse(outputs)["pred_score"], fusion_validation, calibration_scores,
+        fitted.fuse(outputs)["pred_score"][: len(fusion_validation.labels)], fusion_validation, calibration_scores,
         method=threshold["method"], target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
     )
     record = fitted.to_dict()
     record["validation"].update(
         {
-            "validation_images": len(labels),
-            "validation_anomalous": int(labels.sum()),
+            "validation_images": len(fusion_validation.labels),
+            "validation_anomalous": int(fusion_validation.labels.sum()),
             "validation_defect_views": int((fusion_validation.defect_shot >= 0).sum()),
+            "validation_unseen_normals": int(unseen.sum()),
             "held_out_normals": held_out,
         }
     )
