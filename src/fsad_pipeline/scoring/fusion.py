@@ -1,8 +1,9 @@
 """Normalising every scorer's output and fusing them, with weights chosen on validation data.
 
-**Normalisation.** Each scorer's image scores and maps are put on a common scale using the
-*held-out normals* of the validation split only (the rows with label 0: the unaugmented support
-images, scored leave-one-support-out by the patch scorers): ``(x - location) / scale`` with
+**Normalisation.** Each scorer's image scores and maps are put on a common scale using normal
+rows only: the *unseen* good images when the validation has them (good images of the pool the
+model never saw, scored as a test image is: ``unseen``), else the *held-out normals* (the
+unaugmented support images, scored leave-one-support-out by the patch scorers): ``(x - location) / scale`` with
 ``location`` the normals' median and ``scale`` = their ``normal_quantile`` quantile minus that
 median (pixels: all normal pixels pooled, their ``normal_pixel_quantile`` quantile). A held-out
 normal therefore lands at 0 (typical) to 1 (its high tail), whatever the scorer's raw units, and
@@ -15,7 +16,8 @@ too few for a stable spread; see :meth:`ScoreStats.from_normals`). A scorer cons
 normals falls back to the spread (max - min) of all validation rows, then to 1.0 (logged).
 
 **Weights.** Image scores and maps get *separate* weights: ``score_weights`` are chosen by the
-validation image AUROC of the fused score, ``map_weights`` by the validation pixel AUROC of the
+validation image AUROC of the fused score (with real labelled defect views, the mean of the
+synthetic part and the real part, each against normals scored like it: :func:`_parts`), ``map_weights`` by the validation pixel AUROC of the
 fused map (over the normal rows and the anomalous rows with a known mask; all positive pixels
 plus a fixed random sample of negatives, ``max_pixels`` in all). The candidates are equal
 weights over every non-empty subset of scorers (each single scorer, pairs, ..., all of them)
