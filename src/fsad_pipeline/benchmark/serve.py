@@ -55,9 +55,13 @@ def tree_digest(folder: Path) -> dict[str, str]:
 class ServerProcess:
     """``fsad-serve`` in a child process; :meth:`start` waits for ``/health``."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *, max_batch: int = 4, queue_size: int = 4):
+    def __init__(self, model_dir: Path, log_path: Path, *, max_batch: int | None = None, queue_size: int | None = None):
+        """``max_batch`` / ``queue_size``: None leaves the service's own defaults."""
         self.model_dir, self.log_path = Path(model_dir), Path(log_path)
-        self.options = ["--max-batch", str(max_batch), "--queue-size", str(queue_size), "--reload-interval", "0"]
+        self.options = ["--reload-interval", "0"]
+        for flag, value in (("--max-batch", max_batch), ("--queue-size", queue_size)):
+            if value is not None:
+                self.options += [flag, str(int(value))]
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
 

@@ -394,15 +394,13 @@ def _search(
     weighted sum and a sort per kind; the separation is the median positive.
     """
     kinds = np.asarray(labels).astype(int)
-    parts_rows = [(np.flatnonzero(kinds == kind), np.flatnonzero(negative)) for kind, negative in _parts(kinds)]
-    present = [kind for kind, _ in _parts(kinds)]
-    positives_all = np.concatenate([rows for rows, _ in parts_rows]) if parts_rows else np.zeros(0, int)
+    parts = _parts(kinds)
+    positives_all = np.flatnonzero(np.isin(kinds, [kind for kind, _ in parts]))
     objectives = np.empty(len(vectors))
     separations = np.full(len(vectors), np.nan)
     for index, vector in enumerate(vectors):
         fused = vector.astype(normalised.dtype) @ normalised
-        parts = [_sorted_auroc(np.sort(fused[rows]), np.sort(fused[negatives])) for rows, negatives in parts_rows]
-        objectives[index] = float(np.mean(parts)) if parts else float("nan")
+        objectives[index] = _objective(fused, kinds, parts)
         if positives_all.size:
             separations[index] = float(np.median(fused[positives_all]))
     chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, min_gain)
@@ -412,7 +410,7 @@ def _search(
         "method": "monte_carlo" if monte_carlo[chosen] else ("equal" if chosen == equal else "subset"),
         "reason": reason,
         "objective": _finite(objectives[chosen]),
-        "objective_parts": ["synthetic" if kind == SYNTHETIC else "real" for kind in present],
+        "objective_parts": ["synthetic" if kind == SYNTHETIC else "real" for kind, _ in parts],
         "best_objective": _finite(np.nanmax(objectives)) if np.isfinite(objectives).any() else None,
         "equal_objective": _finite(objectives[equal]),
         "separation": _finite(separations[chosen]),
@@ -422,10 +420,16 @@ def _search(
     return weights, record
 
 
+def _objective(values: np.ndarray, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
+    """The weight search's objective for one value vector: the mean AUROC over its ``parts``
+    (:func:`_parts`); NaN without any."""
+    aurocs = [_sorted_auroc(np.sort(values[kinds == kind]), np.sort(values[negative])) for kind, negative in parts]
+    return float(np.mean(aurocs)) if aurocs else float("nan")
+
+
 def _selection_auroc(values: np.ndarray, kinds: np.ndarray) -> float | None:
-    """The weight search's objective for one score vector: the mean AUROC over its parts."""
-    parts = [_sorted_auroc(np.sort(values[kinds == kind]), np.sort(values[negative])) for kind, negative in _parts(kinds)]
-    return _finite(float(np.mean(parts))) if parts else None
+    """:func:`_objective` of one scorer's scores, JSON-ready."""
+    return _finite(_objective(values, kinds, _parts(kinds)))
 
 
 def fit_fusion(

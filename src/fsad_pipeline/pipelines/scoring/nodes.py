@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -29,10 +30,10 @@ FUSION_OPTIONS = (
 _OUTPUT_KEYS = ("anomaly_map", "pred_score")
 
 
-def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None, with_dfd=True):
+def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fusion=None):
     device = str(select_device(device))
     return assemble(
-        dfd_model if with_dfd else None,
+        dfd_model,
         patch_scorers,
         image_size=as_hw(image_size),
         winclip_scorer=build_winclip(support_images, winclip, device=device),
@@ -40,6 +41,31 @@ def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, dev
         device=device,
         fusion=fusion,
     )
+
+
+@dataclass(frozen=True)
+class _ValidationRows:
+    """The per-row arrays the weight search reads: the fusion validation set's, extended by
+    unseen good images (label 0, an empty known mask, family "normal")."""
+
+    labels: np.ndarray
+    masks: np.ndarray | None
+    mask_known: np.ndarray | None
+    families: np.ndarray | None
+    real: np.ndarray
+    unseen: np.ndarray
+
+    @classmethod
+    def of(cls, validation: PseudoAnomalySet) -> _ValidationRows:
+        return cls(validation.labels, validation.masks, validation.mask_known, getattr(validation, "family", None),
+                   validation.defect_shot >= 0, np.zeros(len(validation.labels), bool))
+
+    def with_unseen(self, n: int) -> _ValidationRows:
+        def extend(array: np.ndarray | None, value) -> np.ndarray | None:
+            return None if array is None else np.concatenate([array, np.full((n, *array.shape[1:]), value, array.dtype)])
+
+        return _ValidationRows(extend(self.labels, 0), extend(self.masks, 0), extend(self.mask_known, True),
+                               extend(self.families, "normal"), extend(self.real, False), extend(self.unseen, True))
 
 
 def fit_score_fusion(
@@ -69,10 +95,13 @@ def fit_score_fusion(
     family when the validation set carries a ``family`` array) next to the row counts. The
     threshold comes from real good images the model never saw (:func:`calibrate_decision`).
     """
-    ensemble = _ensemble(dfd_model, None, support_images, winclip, image_size, device, with_dfd=False)
+    # One ensemble (WinCLIP is built once): DFD scores the validation held out, so only the other
+    # image scorers score it here; every scorer scores the unseen and the calibration images.
+    full = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device)
+    image_only = replace(full, image_scorers={n: s for n, s in full.image_scorers.items() if n != "dfd"}, patch_scorers={})
     outputs = {
         "dfd": score_held_out_in_chunks(dfd_model, fusion_validation.images, fusion_validation.source_index),
-        **score_in_chunks(ensemble, fusion_validation.images),
+        **score_in_chunks(image_only, fusion_validation.images),
         **patch_validation,
     }
     calibration, unseen_paths = (
@@ -82,27 +111,16 @@ def fit_score_fusion(
         )
         if manifest is not None and support_selection is not None else ([], [])
     )
-    labels = fusion_validation.labels
-    masks, mask_known = fusion_validation.masks, fusion_validation.mask_known
-    families = getattr(fusion_validation, "family", None)
-    real = fusion_validation.defect_shot >= 0
-    unseen = np.zeros(len(labels), bool)
+    rows = _ValidationRows.of(fusion_validation)
     if unseen_paths:
         logger.info("fusion: %d unseen good images of the pool as validation normals", len(unseen_paths))
         images = load_images(unseen_paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
-        full = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device)
         extra = score_in_chunks(full, images)
         outputs = {
             name: {key: np.concatenate([outputs[name][key], extra[name][key]]) for key in _OUTPUT_KEYS}
             for name in outputs
         }
-        n = len(images)
-        labels = np.concatenate([labels, np.zeros(n, labels.dtype)])
-        masks = None if masks is None else np.concatenate([masks, np.zeros((n, *masks.shape[1:]), masks.dtype)])
-        mask_known = None if mask_known is None else np.concatenate([mask_known, np.ones(n, bool)])
-        families = None if families is None else np.concatenate([families, np.full(n, "normal", dtype=families.dtype)])
-        real = np.concatenate([real, np.zeros(n, bool)])
-        unseen = np.concatenate([unseen, np.ones(n, bool)])
+        rows = rows.with_unseen(len(images))
     options = {key: fusion[key] for key in FUSION_OPTIONS if key in fusion}  # absent: fit_fusion's defaults
     # Whether a scorer's validation normals were kept out of what it was fitted on: the patch
     # scorers score them leave-one-support-out (k >= 2) and a cross-fitted DFD by the member
@@ -115,20 +133,20 @@ def fit_score_fusion(
     }
     fitted = fit_fusion(
         outputs,
-        labels,
-        masks,
-        mask_known=mask_known,
-        families=families,
+        rows.labels,
+        rows.masks,
+        mask_known=rows.mask_known,
+        families=rows.families,
         seed=int(seed),
         in_sample=[] if fusion.get("in_sample_alone", False) else [n for n, held in held_out.items() if not held],
-        real=real,
-        unseen=unseen,
+        real=rows.real,
+        unseen=rows.unseen,
         **options,
     )
     calibration_scores = None
     if calibration:
-        scorers = _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, device, fitted)
-        calibration_scores = score_paths(scorers, calibration, max_pixels=int(data["max_pixels"]), progress=False)["pred_scores"]
+        full.fusion = fitted
+        calibration_scores = score_paths(full, calibration, max_pixels=int(data["max_pixels"]), progress=False)["pred_scores"]
     decision = calibrate_decision(
         fitted.fuse(outputs)["pred_score"][: len(fusion_validation.labels)], fusion_validation, calibration_scores,
         method=threshold["method"], target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
@@ -139,7 +157,7 @@ def fit_score_fusion(
             "validation_images": len(fusion_validation.labels),
             "validation_anomalous": int(fusion_validation.labels.sum()),
             "validation_defect_views": int((fusion_validation.defect_shot >= 0).sum()),
-            "validation_unseen_normals": int(unseen.sum()),
+            "validation_unseen_normals": int(rows.unseen.sum()),
             "held_out_normals": held_out,
         }
     )
