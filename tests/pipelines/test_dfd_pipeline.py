@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fsad_pipeline.artifacts import load_sample_set
 from fsad_pipeline.data.sampling import load_images
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer
 from fsad_pipeline.scoring.ensemble import assemble
@@ -77,3 +78,21 @@ def test_training_is_deterministic(tiny_project):
     tiny_project.run(["training", "scoring"])
     second = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"))["pred_score"].to_numpy()
     np.testing.assert_array_equal(first, second)
+
+
+def test_validation_made_from_unseen_good_images(tiny_project):
+    """With enough unseen good images in the pool the validation is made from them: one DFD
+    model (no cross-fit), every scorer scores the split as new images, its good images are the
+    fusion's unseen normals, and labelled defect views still join it."""
+    tiny_project.set_params("parameters_synthesis.yml", {"synthesis": {"validation": {"min_unseen_images": 1}}})
+    tiny_project.run("dfd", params={"k_defect_shots": 1})
+    base = np.load(tiny_project.path("data/03_primary/validation_images.npy"))
+    assert base.shape == (1, 64, 64, 3)  # 5 pool images - 2 supports = 3 unseen; the fusion's third: 1
+    validation = load_sample_set(tiny_project.path("data/05_model_input/synthetic_validation"))
+    assert validation.from_unseen.all() and validation.labels.tolist() == [0, 1, 1]
+    np.testing.assert_array_equal(validation.images[0], base[0])
+    scorer = json.loads(tiny_project.path("data/06_models/dfd/scorer.json").read_text())
+    assert len(scorer["members"]) == 1 and scorer["members"][0]["held_out"] == []
+    fusion = json.loads(tiny_project.path("data/06_models/fusion.json").read_text())["validation"]
+    assert fusion["validation_unseen_normals"] == 1 and fusion["validation_images"] == 3 + 2 * 5
+    assert all(fusion["held_out_normals"].values())

@@ -173,3 +173,16 @@ def test_the_default_scores_new_images_with_a_member_trained_on_every_support(wi
 def test_an_unknown_cross_fit_scoring_is_refused(datasets):
     with pytest.raises(ValueError, match="cross_fit_scoring"):
         _cross_fit(datasets, "average")
+
+
+def test_a_validation_made_from_unseen_good_images_needs_no_cross_fit(datasets):
+    rng = np.random.default_rng(4)
+    train, validation = datasets.pseudo_anomaly_set(rng, 8, 32), datasets.pseudo_anomaly_set(rng, 8, 32)
+    validation.source_index = np.full(len(validation), -1, np.int64)  # no row comes from a support
+    features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=32, batch_size=8)
+    config = DFDTrainConfig(meta_epochs=1, epochs=1, gaussian_hidden=16, seed=0)
+    scorer = DFDScorer.fit(train, validation, features=features, train_config=config, cross_fit_folds=2,
+                           device="cpu", progress=False)
+    assert not scorer.cross_fitted and len(scorer.members) == 1
+    held_out = scorer.score_held_out(validation.images, validation.source_index)
+    np.testing.assert_allclose(held_out["pred_score"], scorer.score(validation.images)["pred_score"], rtol=1e-6)

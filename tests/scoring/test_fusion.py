@@ -349,3 +349,19 @@ def test_real_defect_views_are_compared_with_unseen_good_images_scored_as_they_a
     assert fitted.score_weights == {"bank": 1.0, "other": 0.0}
     assert fitted.stats["bank"].score_loc == pytest.approx(np.median(bank[unseen]))
     assert fitted.validation["unseen_normal_rows"] == n_unseen
+
+
+def test_a_validation_made_from_unseen_good_images_compares_its_defects_with_them():
+    """Without held-out supports (the split made from unseen good images) the synthetic part's
+    negatives are the unseen images: the scorer that separates its defects from them is chosen."""
+    rng = np.random.default_rng(2)
+    n_unseen, n_synthetic = 20, 40
+    labels = np.r_[np.zeros(n_unseen, int), np.ones(n_synthetic, int)]
+    unseen = labels == 0
+    good = np.r_[rng.normal(0, 1, n_unseen), rng.normal(4, 1, n_synthetic)]
+    noise = rng.normal(0, 1, n_unseen + n_synthetic)
+    fitted = fit_fusion({"good": _outputs(good), "noise": _outputs(noise)}, labels, n_trials=0, seed=0, unseen=unseen)
+    assert fitted.search["scores"]["objective_parts"] == ["synthetic"]
+    assert fitted.validation["scorers"]["good"]["selection_auroc"] > 0.95
+    assert fitted.score_weights == {"good": 1.0, "noise": 0.0}
+    assert fitted.stats["good"].score_loc == pytest.approx(np.median(good[unseen]))

@@ -87,3 +87,20 @@ def test_anomalous_bank_measures_normal_distance_against_the_knn_coreset():
     wrong = {**OPTIONS, "anomalous_bank": {**OPTIONS["anomalous_bank"], "normal_bank": "half"}}
     with pytest.raises(ValueError, match="normal_bank"):
         fit_patch_scorers(support, FEATURES, defect_images=defects, progress=False, **wrong)
+
+
+def test_rows_made_from_unseen_good_images_are_scored_by_the_fitted_scorers():
+    support = _images(6, 9)  # 2 supports x 3 views
+    validation = np.concatenate([_images(2, 10), support[:1]])
+    sources = np.array([-1, -1, 0])  # two unseen good images, then a row made from support 0
+    fitted, outputs = fit_patch_scorers(
+        support, FEATURES, n_supports=2, validation_images=validation, validation_sources=sources,
+        progress=False, **OPTIONS,
+    )
+    from fsad_pipeline.models.features import extract_features
+
+    feats = extract_features(fitted.build_extractor(), validation, image_size=64, dual_path=False, progress=False)
+    direct = score_patch_features(fitted.scorers, feats, 64, 4.0)
+    for name in ("knn", "gaussian"):  # unseen rows: exactly what a new image gets
+        np.testing.assert_allclose(outputs[name]["pred_score"][:2], direct[name]["pred_score"][:2], rtol=1e-5)
+    assert outputs["knn"]["pred_score"][2] > direct["knn"]["pred_score"][2] + 0.1  # the support row: left out

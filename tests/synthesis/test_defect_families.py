@@ -246,3 +246,21 @@ def test_family_examples_figure_names_each_family(bank):
     assert len(figure.axes) == 3 * 4  # normal | augmented | mask | overlay per row
     assert any("scratch" in t for t in titles) and any("speckle" in t for t in titles)
     assert "augmented (label=0)" in titles
+
+
+def test_unseen_validation_set_holds_each_good_image_once_then_its_defects(bank):
+    from fsad_pipeline.synthesis.anomalies import build_unseen_validation_set
+
+    images = np.stack([_texture((64, 48), seed=s) for s in range(3)])
+    config = FamilyConfig.from_dict({"families": {"scratch": 1.0, "speckle": 1.0}})
+    result = build_unseen_validation_set(images, 2, np.random.default_rng(0), bank, config, progress=False)
+    assert len(result) == 3 + 3 * 2 and result.from_unseen.all()  # no row comes from a support
+    np.testing.assert_array_equal(result.labels, [0, 0, 0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(result.images[:3], images)  # the good images as they are, once each
+    for row, source in zip(range(3, 9), [0, 0, 1, 1, 2, 2]):  # each defect is drawn on its own good image
+        np.testing.assert_array_equal(result.normals[row], images[source])
+        changed = (result.images[row] != images[source]).any(axis=-1)
+        assert changed.any() and not (changed & (result.masks[row] == 0)).any()
+    assert set(result.family[3:]) <= {"scratch", "speckle"}
+    with pytest.raises(ValueError, match="n_defects_per_image"):
+        build_unseen_validation_set(images, 0, np.random.default_rng(0), bank, config, progress=False)

@@ -5,7 +5,8 @@
 adaptor and discriminators on them, selects the meta-epoch and freezes the map normalisation on
 the synthetic validation split, and calibrates the decision threshold there too.
 
-**Cross-fitting** (``cross_fit_folds`` >= 2 and at least two support images): the supports are
+**Cross-fitting** (``cross_fit_folds`` >= 2, at least two support images, and a validation made
+from the supports; one made from unseen good images needs none): the supports are
 split into that many groups and one DFD *validator* member is trained per group on every other
 group's samples (it selects its meta-epoch and freezes its normalisation on the validation rows
 of those same supports, as a single model does on all of them), then scores the validation rows
@@ -192,6 +193,10 @@ class DFDScorer:
         feature_seconds = time.perf_counter() - started
         n_supports = int(max(train_samples.source_index.max(initial=-1), validation_samples.source_index.max(initial=-1))) + 1
         groups = support_folds(n_supports, cross_fit_folds)
+        if groups != [[]] and not (validation_samples.source_index >= 0).any():
+            # Made from good images that are no support: every row is held out already.
+            logger.info("DFD: the validation is made from unseen good images; one model, no cross-fit")
+            groups = [[]]
         if groups != [[]] and cross_fit_scoring == "full":
             groups.append([])  # the scoring member, trained on every support
         members: list[DFDMember] = []

@@ -361,16 +361,17 @@ NEGATIVE, SYNTHETIC, REAL, UNSEEN = 0, 1, 2, 3
 def _parts(kinds: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """``(positive kind, negative rows mask)`` per part of the objective, like against like.
 
-    Synthetic anomalies are made from the supports and scored as their held-out supports are
-    (leave-one-support-out), so they are compared with those. Real defect views are scored by
+    Synthetic anomalies made from the supports are scored as their held-out supports are
+    (leave-one-support-out), so they are compared with those; made from unseen good images,
+    they are compared with those images (the validation then has no other normals). Real defect views are scored by
     the fitted scorers (only the anomalous bank leaves the view's own shot out), so they are
     compared with unseen good images scored the same way when there are any: a held-out support
     is scored against a bank of k - 1 supports and reads higher than any image scored against
     all k, which made the real part of the bank scorers look worse than they are (KolektorSDD:
     the anomalous bank 0.30 on its two held-out supports, 0.93 on the test)."""
     parts = []
-    if (kinds == SYNTHETIC).any():
-        parts.append((SYNTHETIC, kinds == NEGATIVE))
+    if (kinds == SYNTHETIC).any():  # a validation made from unseen good images has only those as normals
+        parts.append((SYNTHETIC, kinds == NEGATIVE if (kinds == NEGATIVE).any() else kinds == UNSEEN))
     if (kinds == REAL).any():
         parts.append((REAL, kinds == UNSEEN if (kinds == UNSEEN).any() else kinds == NEGATIVE))
     return parts

@@ -172,6 +172,8 @@ def fit_patch_scorers(
     Also returns each scorer's outputs on the validation images, scored without the very image
     a row was made from:
 
+    * a row made from a good image that is no support (``validation_sources`` −1 outside the
+      defect views) is scored by the fitted scorers, as a new image is;
     * a synthetic sample made from support ``i`` (``validation_sources``) is scored by scorers
       fitted without support ``i``'s augmentations. A memory bank that contains the very image
       it scores reads ~0 on it, which would make validation normals look perfect and bias the
@@ -210,11 +212,16 @@ def fit_patch_scorers(
         _write_rows(validation, outputs, rows, total)
 
     synthetic = np.flatnonzero(shots < 0)
-    if n_supports < 2:
+    unseen = synthetic[sources[synthetic] < 0]
+    synthetic = synthetic[sources[synthetic] >= 0]
+    if unseen.size:  # made from good images that are no support: the full scorers, as for a new image
+        score_rows(scorers, unseen)
+        info["validation"] = "unseen good images"
+    if synthetic.size and n_supports < 2:
         logger.info("one support image: validation is scored by banks that contain it (optimistic)")
         score_rows(scorers, synthetic)
         info["validation"] = "in-bank"
-    else:
+    elif synthetic.size:
         views = len(augmented_support) // n_supports
         for left_out in range(n_supports):
             rows = synthetic[sources[synthetic] == left_out]

@@ -141,7 +141,10 @@ class PseudoAnomalySet:
     Rows may also be augmented views of real labelled defect shots (the fusion validation set):
     those have ``source_index == -1``, ``defect_shot`` = the shot they come from (−1 for
     synthetic rows), and ``mask_known`` False when the shot has no ground-truth mask (their mask
-    is then empty although the label is 1).
+    is then empty although the label is 1). Rows made from good images that are no support
+    (:func:`build_unseen_validation_set`) have ``source_index == -1`` and ``defect_shot == -1``
+    (:attr:`from_unseen`): nothing was fitted on them, so every scorer scores them as it
+    scores a new image.
 
     ``family`` names how each row was made (a str array): ``"normal"`` for label 0, ``"real"``
     for labelled defect views, else the defect family (``"perlin"``, ``"scratch"``, ...). Left
@@ -171,6 +174,11 @@ class PseudoAnomalySet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def from_unseen(self) -> np.ndarray:
+        """(M,) bool: rows made from a good image that is no support (nor a labelled defect shot)."""
+        return (np.asarray(self.source_index) < 0) & (np.asarray(self.defect_shot) < 0)
 
     def concat(self, other: PseudoAnomalySet) -> PseudoAnomalySet:
         """Rows of ``self`` followed by the rows of ``other``."""
@@ -302,3 +310,39 @@ def _build_family_set(
     return PseudoAnomalySet(
         normals, images, masks, anomalous.astype(np.int64), source_index, family=family.astype(str)
     ).validate()
+
+
+def build_unseen_validation_set(
+    images: np.ndarray,
+    n_defects_per_image: int,
+    rng: np.random.Generator,
+    textures: TextureBank,
+    families: FamilyConfig,
+    *,
+    foreground_masks: Sequence[np.ndarray] | None = None,
+    foreground: str = "auto",
+    progress: bool = True,
+) -> PseudoAnomalySet:
+    """A validation set made from good images no scorer is fitted on: each image once as it is
+    (label 0) followed by ``n_defects_per_image`` defects drawn from ``families`` on it.
+
+    Every row has ``source_index == -1`` (:attr:`PseudoAnomalySet.from_unseen`), so the scorers
+    score the whole set as they score new images: no leave-one-support-out bank, no cross-fitted
+    validator, and the validation normals are real good images, not copies of the supports.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or not len(images):
+        raise ValueError("need at least one (H, W, 3) good image")
+    if int(n_defects_per_image) < 1:
+        raise ValueError(f"n_defects_per_image must be >= 1, got {n_defects_per_image}")
+    defects = build_pseudo_anomaly_set(
+        images, int(n_defects_per_image), rng, textures, foreground_masks=foreground_masks, progress=progress,
+        families=families, anomaly_probability=1.0, foreground=foreground,
+    )
+    count = len(images)
+    clean = PseudoAnomalySet(
+        images.copy(), images.copy(), np.zeros(images.shape[:3], np.uint8), np.zeros(count, np.int64),
+        np.full(count, -1, np.int64),
+    )
+    defects.source_index = np.full(len(defects), -1, np.int64)
+    return clean.concat(defects)

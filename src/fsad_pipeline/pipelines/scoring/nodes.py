@@ -57,8 +57,9 @@ class _ValidationRows:
 
     @classmethod
     def of(cls, validation: PseudoAnomalySet) -> _ValidationRows:
+        """The set's rows; its normals are unseen good images when it was made from them."""
         return cls(validation.labels, validation.masks, validation.mask_known, getattr(validation, "family", None),
-                   validation.defect_shot >= 0, np.zeros(len(validation.labels), bool))
+                   validation.defect_shot >= 0, validation.from_unseen & (validation.labels == 0))
 
     def with_unseen(self, n: int) -> _ValidationRows:
         def extend(array: np.ndarray | None, value) -> np.ndarray | None:
@@ -86,9 +87,11 @@ def fit_score_fusion(
 ) -> dict:
     """Per-scorer normalisation and fusion weights on validation data, then the decision threshold.
 
-    The validation set is the synthetic split plus augmented labelled defect shots (when any),
-    plus ``fusion.unseen_normals`` good images of the support pool that the model never saw,
-    scored here by the fitted scorers as a test image is (:func:`fit_fusion`'s ``unseen``).
+    The validation set is the synthetic split plus augmented labelled defect shots (when any).
+    Its normals are ``fusion.unseen_normals`` good images of the support pool that the model
+    never saw, scored by the fitted scorers as a test image is (:func:`fit_fusion`'s
+    ``unseen``): the split's own normals when it was made from them (``synthesis.validation.base``),
+    else they are scored here and appended to the split made from the supports.
     The patch scorers' validation outputs come from the memory_bank stage (leave-one-out);
     the image scorers (DFD, WinCLIP) score the validation images here. The record's
     ``validation`` holds the per-scorer and fused validation AUROCs (and per pseudo-anomaly
@@ -112,7 +115,8 @@ def fit_score_fusion(
         if manifest is not None and support_selection is not None else ([], [])
     )
     rows = _ValidationRows.of(fusion_validation)
-    if unseen_paths:
+    made_from_unseen = bool(rows.unseen.any())
+    if unseen_paths and not made_from_unseen:
         logger.info("fusion: %d unseen good images of the pool as validation normals", len(unseen_paths))
         images = load_images(unseen_paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
         extra = score_in_chunks(full, images)
@@ -128,7 +132,8 @@ def fit_score_fusion(
     # as references, so their normals are in-sample and their validation AUROC is optimistic
     # (measured: README, real-data suite).
     held_out = {
-        name: bool(name in patch_validation and len(support_images) >= 2) or (name == "dfd" and dfd_model.cross_fitted)
+        name: made_from_unseen or bool(name in patch_validation and len(support_images) >= 2)
+        or (name == "dfd" and dfd_model.cross_fitted)
         for name in outputs
     }
     fitted = fit_fusion(
@@ -183,12 +188,15 @@ def calibrate_decision(
     exchangeable = True
     if calibration_scores is not None and len(calibration_scores):
         normals, source = np.asarray(calibration_scores, dtype=np.float64), "support pool (good images never fitted on)"
+    elif validation.from_unseen[validation.labels == 0].any():
+        rows = np.flatnonzero((validation.labels == 0) & validation.from_unseen)
+        normals, source = scores[rows], "the validation's unseen good images"
     else:
         rows = np.flatnonzero(validation.labels == 0)
         _, first = np.unique(validation.source_index[rows], return_index=True)
         normals, source = scores[rows[first]], "held-out supports (one row per support image)"
-        # The fusion's normalisation was fitted on these very rows, and some scorers may have
-        # seen them: they are not exchangeable with new good images, so no rate is promised.
+        # The fusion's normalisation was fitted on these very rows (and with supports, some
+        # scorers may have seen them): not exchangeable with new good images, no rate is promised.
         exchangeable = False
     defects = scores[(validation.defect_shot >= 0) & (validation.labels == 1)]
     labels = np.r_[np.zeros(normals.size, int), np.ones(defects.size if method != "target_fpr" else 0, int)]
@@ -197,8 +205,8 @@ def calibrate_decision(
     decision.setdefault("target_false_alarm_rate", float(target_false_alarm_rate))
     if not exchangeable:
         decision["expected_false_alarm_rate"] = None
-        decision["note"] = ("no good images beyond the supports: the threshold sits above the held-out supports' "
-                            "scores, and no false-alarm rate can be promised (threshold.calibration_images)")
+        decision["note"] = (f"no calibration images: the threshold sits above the scores of the {source}, which "
+                            "also set the fusion, so no false-alarm rate can be promised (threshold.calibration_images)")
         logger.warning("threshold: %s", decision["note"])
     return {**decision, "calibration_source": source, "exchangeable": exchangeable, "real_defect_views": int(defects.size)}
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
-from fsad_pipeline.data.sampling import load_images
+from fsad_pipeline.data.geometry import as_hw
+from fsad_pipeline.data.sampling import load_images, unseen_good_paths
 from fsad_pipeline.evaluation.figures import pseudo_anomaly_examples_figure
-from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet, build_pseudo_anomaly_set
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet, build_pseudo_anomaly_set, build_unseen_validation_set
 from fsad_pipeline.synthesis.defect_families import FamilyConfig, family_example_rows
 from fsad_pipeline.synthesis.foreground import foreground_mask
 from fsad_pipeline.synthesis.textures import TextureBank
 
+logger = logging.getLogger(__name__)
+
 #: Independent random streams derived from the one project seed.
 TRAIN_STREAM, VALIDATION_STREAM = 1, 2
+#: Where the validation's images come from (``synthesis.validation.base``).
+VALIDATION_BASES = ("auto", "unseen", "supports")
 
 
 def load_support_images(support_selection: dict, image_size: int, data: dict) -> np.ndarray:
@@ -66,13 +74,72 @@ def synthesize_training_set(
     return _build_set(support_images, foreground_masks, textures, synthesis, synthesis["n_per_image"], rng)
 
 
+def load_validation_images(
+    manifest: pd.DataFrame,
+    support_selection: dict,
+    image_size,
+    data: dict,
+    synthesis: dict,
+    fusion: dict,
+    threshold: dict,
+    seed: int,
+) -> np.ndarray:
+    """The good images the validation is made from, (n, H, W, 3) uint8; none (n = 0): the supports.
+
+    ``synthesis.validation.base``: ``unseen`` / ``auto`` take the fusion's draw of the support
+    pool's unseen good images (``fusion.unseen_normals``; never a support, never a test image,
+    disjoint from the threshold's calibration images: :func:`unseen_good_paths`); ``auto`` falls
+    back to the supports when the pool gives fewer than ``validation.min_unseen_images``, and
+    ``supports`` always makes the validation from the supports (held out by leave-one-support-out
+    banks and a cross-fitted DFD instead).
+    """
+    validation = synthesis["validation"]
+    base = str(validation.get("base", "auto"))
+    if base not in VALIDATION_BASES:
+        raise ValueError(f"synthesis.validation.base must be one of {VALIDATION_BASES}, got {base!r}")
+    none = np.zeros((0, *as_hw(image_size), 3), np.uint8)
+    if base == "supports":
+        return none
+    _, paths = unseen_good_paths(
+        manifest, support_selection, calibration=int(threshold.get("calibration_images", 0)),
+        fusion=int(fusion.get("unseen_normals", 0)), seed=int(seed),
+    )
+    minimum = int(validation.get("min_unseen_images", 1))
+    if len(paths) < minimum:
+        message = (f"validation: {len(paths)} unseen good images in the support pool (fewer than "
+                   f"synthesis.validation.min_unseen_images = {minimum})")
+        if base == "unseen":
+            raise ValueError(message)
+        logger.info("%s: the validation is made from the supports", message)
+        return none
+    logger.info("validation: made from %d unseen good images of the support pool", len(paths))
+    return load_images(paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
+
+
 def synthesize_validation_set(
-    support_images: np.ndarray, foreground_masks: np.ndarray, textures: TextureBank, synthesis: dict, seed: int
+    support_images: np.ndarray,
+    foreground_masks: np.ndarray,
+    textures: TextureBank,
+    synthesis: dict,
+    seed: int,
+    validation_images: np.ndarray | None = None,
 ) -> PseudoAnomalySet:
-    """The recipe with its own seed and the overrides of ``synthesis.validation`` (its defect families)."""
+    """The recipe with its own seed and the overrides of ``synthesis.validation`` (its defect families).
+
+    With ``validation_images`` (unseen good images, :func:`load_validation_images`) the split is
+    made from them (each once as it is, then ``validation.unseen_defects_per_image`` defects
+    on it), else from the supports (``validation.n_per_image`` rows each).
+    """
     recipe = {**synthesis, **synthesis["validation"]}
     rng = np.random.default_rng([int(seed), VALIDATION_STREAM])
-    return _build_set(support_images, foreground_masks, textures, recipe, recipe["n_per_image"], rng)
+    if validation_images is None or not len(validation_images):
+        return _build_set(support_images, foreground_masks, textures, recipe, recipe["n_per_image"], rng)
+    method = recipe.get("foreground", "auto")
+    return build_unseen_validation_set(
+        validation_images, int(recipe.get("unseen_defects_per_image", 2)), rng, textures,
+        _family_config({**recipe, "families": recipe.get("families") or {"perlin": 1.0}}),
+        foreground_masks=[foreground_mask(image, method=method) for image in validation_images], foreground=method,
+    )
 
 
 def plot_pseudo_anomaly_examples(samples: PseudoAnomalySet, n_examples: int) -> Figure:

@@ -4,6 +4,7 @@ from .nodes import (
     build_texture_bank,
     compute_foreground_masks,
     load_support_images,
+    load_validation_images,
     plot_family_examples,
     plot_pseudo_anomaly_examples,
     synthesize_training_set,
@@ -31,8 +32,17 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(synthesize_training_set, inputs=_SET_INPUTS, outputs="pseudo_anomalies", name="synthesize_training_set"),
             node(
+                load_validation_images,
+                inputs=[
+                    "manifest", "support_selection", "working_size", "params:data", "params:synthesis",
+                    "params:fusion", "params:threshold", "params:seed",
+                ],
+                outputs="validation_images",
+                name="load_validation_images",
+            ),
+            node(
                 synthesize_validation_set,
-                inputs=_SET_INPUTS,
+                inputs=[*_SET_INPUTS, "validation_images"],
                 outputs="synthetic_validation",
                 name="synthesize_validation_set",
             ),
