@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fsad_pipeline.synthesis.support_augmentation import (
+    augment_labelled_defects,
     SupportAugmentationConfig,
     adjust_brightness,
     adjust_contrast,
@@ -117,6 +118,23 @@ def test_rot90_four_times_is_identity_and_non_square_keeps_size() -> None:
     np.testing.assert_array_equal(rotate90(image, 2), image[::-1, ::-1])
     wide = _images(1, 12, 20)[0]
     assert rotate90(wide, 1).shape == wide.shape
+
+
+def test_non_square_images_get_the_half_turn_only() -> None:
+    """A quarter turn of a wide image would be squashed back into H x W: no such view exists."""
+    config = SupportAugmentationConfig(**{**ALL_OFF, "include_original": True, "rot90": True})
+    assert augmentation_names(config, square=False) == ["original", "rot90x2"]
+    wide = _images(2, 12, 20)
+    out = augment_support(wide, config)
+    assert out.shape == (4, 12, 20, 3)
+    np.testing.assert_array_equal(out[1], wide[0][::-1, ::-1])
+    np.testing.assert_array_equal(out[3], wide[1][::-1, ::-1])
+    assert len(augmentation_names(SupportAugmentationConfig(), square=False)) == 24
+    masks = np.zeros((2, 12, 20), np.uint8)
+    masks[:, 2, 3] = 1
+    views, view_masks, shots = augment_labelled_defects(wide, masks, config)
+    assert views.shape == (4, 12, 20, 3) and shots.tolist() == [0, 0, 1, 1]
+    assert view_masks[1, 12 - 1 - 2, 20 - 1 - 3] == 1 and view_masks[1].sum() == 1  # the mask turns with it
 
 
 def test_grayscale_channels_equal_and_weights() -> None:

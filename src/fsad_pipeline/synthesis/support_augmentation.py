@@ -3,7 +3,8 @@
 RegAD / the nehaejaz thesis expand each of the k support images into 22 views (original,
 8 rotations, 8 translations, horizontal flip, grayscale, 3 × rot90) and permute them randomly;
 for a memory bank the order is irrelevant, so here it is fixed. Optional multiplicative
-brightness and contrast factors extend the set (2 + 2 views by default, 26 in all).
+brightness and contrast factors extend the set (2 + 2 views by default, 26 in all). Images that
+are not square keep their shape: of the quarter turns only the half turn applies (24 views).
 
 Geometric warps use reflection padding (``BORDER_REFLECT_101``), never black borders.
 """
@@ -39,7 +40,9 @@ class SupportAugmentationConfig:
 
     Attributes:
         rotations: 8 rotations by ±11.25°, ±22.5°, ±33.75°, ±45° (reflection padding).
-        rot90: rotations by 90°, 180°, 270° (non-square images are resized back to H×W).
+        rot90: rotations by 90°, 180°, 270°; a non-square image gets 180° only (a quarter turn
+            would have to be squashed back into H×W, and such a view looks like no real part:
+            on KolektorSDD the squashed views of a real crack scored below every good image).
         translations: shifts (±0.1, ±0.1) and (±0.2, ±0.2) in affine_grid units, i.e. ±5 % and
             ±10 % of the width/height, all four sign combinations each (reflection padding).
         hflip: horizontal flip.
@@ -155,8 +158,8 @@ def _format(value: float) -> str:
     return f"{value:+g}"
 
 
-def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transform, bool]]:
-    """(name, transform, geometric) triples in the fixed output order.
+def _transforms(config: SupportAugmentationConfig, square: bool = True) -> Iterator[tuple[str, Transform, bool]]:
+    """(name, transform, geometric) triples in the fixed output order (``square``: of images with H = W).
 
     ``geometric`` views move pixels (a defect mask must follow them); the others only change
     intensities (a mask stays as it is).
@@ -167,7 +170,7 @@ def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transf
         for angle in ROTATION_ANGLES:
             yield f"rotate{_format(angle)}", lambda image, angle=angle: rotate(image, angle), True
     if config.rot90:
-        for times in (1, 2, 3):
+        for times in (1, 2, 3) if square else (2,):
             yield f"rot90x{times}", lambda image, times=times: rotate90(image, times), True
     if config.translations:
         for magnitude in TRANSLATION_MAGNITUDES:
@@ -188,9 +191,9 @@ def _transforms(config: SupportAugmentationConfig) -> Iterator[tuple[str, Transf
         yield f"contrast{factor:g}", lambda image, factor=factor: adjust_contrast(image, factor), False
 
 
-def augmentation_names(config: SupportAugmentationConfig | None = None) -> list[str]:
-    """Names of the views produced per support image, in output order."""
-    return [name for name, _, _ in _transforms(config or SupportAugmentationConfig())]
+def augmentation_names(config: SupportAugmentationConfig | None = None, *, square: bool = True) -> list[str]:
+    """Names of the views produced per support image (of images with H = W, or not), in output order."""
+    return [name for name, _, _ in _transforms(config or SupportAugmentationConfig(), square)]
 
 
 def augment_support(
@@ -199,7 +202,7 @@ def augment_support(
     """Expand ``k`` support images (k, H, W, 3) uint8 into ``k·n`` views (k·n, H, W, 3) uint8.
 
     Image-major order: rows ``i·n … i·n + n − 1`` are the ``n`` views of image ``i`` in the order
-    of :func:`augmentation_names`. Deterministic (no randomness).
+    of :func:`augmentation_names` (``square`` = H equals W). Deterministic (no randomness).
     """
     config = config or SupportAugmentationConfig()
     images = np.asarray(images)
@@ -207,10 +210,10 @@ def augment_support(
         raise ValueError(f"expected (k, H, W, 3) images, got shape {images.shape}")
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
-    transforms = list(_transforms(config))
+    count, height, width = images.shape[:3]
+    transforms = list(_transforms(config, square=height == width))
     if not transforms:
         raise ValueError("support augmentation config selects no view at all")
-    count, height, width = images.shape[:3]
     output = np.empty((count * len(transforms), height, width, 3), dtype=np.uint8)
     for image_index, image in enumerate(images):
         for view_index, (_, transform, _) in enumerate(transforms):
@@ -241,7 +244,7 @@ def augment_labelled_defects(
     row = 0
     for mask in masks:
         mask3 = np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
-        for _, transform, geometric in _transforms(config):
+        for _, transform, geometric in _transforms(config, square=mask.shape[0] == mask.shape[1]):
             moved = transform(mask3) if geometric else mask3
             view_masks[row] = (moved[..., 0] >= 128).astype(np.uint8)
             row += 1
