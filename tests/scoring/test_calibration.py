@@ -105,6 +105,17 @@ def test_the_decision_uses_the_calibration_images_else_the_held_out_supports():
     assert f1["method"] == "f1_max" and f1["real_defect_views"] == 1 and 1.0 < f1["threshold"] <= 9.0
 
 
+def test_without_calibration_images_the_validation_unseen_good_images_promise_no_rate():
+    """They set the fusion's normalisation, so they are not exchangeable with new good images."""
+    from fsad_pipeline.pipelines.scoring.nodes import calibrate_decision
+
+    validation = _validation([0, 0, 0, 1, 1], [-1] * 5, [-1] * 5)  # made from unseen good images
+    scores = np.array([0.1, 0.2, 0.3, 5.0, 6.0])
+    decision = calibrate_decision(scores, validation, None, method="target_fpr", target_false_alarm_rate=0.05)
+    assert decision["calibration_normals"] == 3 and "unseen good images" in decision["calibration_source"]
+    assert not decision["exchangeable"] and decision["expected_false_alarm_rate"] is None
+
+
 def test_nan_calibration_scores_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         target_fpr_threshold(np.array([0.1, np.nan, 0.3]), 0.05)

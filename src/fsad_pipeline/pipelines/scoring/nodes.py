@@ -188,13 +188,14 @@ def calibrate_decision(
     exchangeable = True
     if calibration_scores is not None and len(calibration_scores):
         normals, source = np.asarray(calibration_scores, dtype=np.float64), "support pool (good images never fitted on)"
-    elif validation.from_unseen[validation.labels == 0].any():
-        rows = np.flatnonzero((validation.labels == 0) & validation.from_unseen)
-        normals, source = scores[rows], "the validation's unseen good images"
     else:
         rows = np.flatnonzero(validation.labels == 0)
-        _, first = np.unique(validation.source_index[rows], return_index=True)
-        normals, source = scores[rows[first]], "held-out supports (one row per support image)"
+        if validation.from_unseen[rows].any():
+            rows = rows[validation.from_unseen[rows]]
+            normals, source = scores[rows], "the validation's unseen good images"
+        else:
+            _, first = np.unique(validation.source_index[rows], return_index=True)
+            normals, source = scores[rows[first]], "held-out supports (one row per support image)"
         # The fusion's normalisation was fitted on these very rows (and with supports, some
         # scorers may have seen them): not exchangeable with new good images, no rate is promised.
         exchangeable = False

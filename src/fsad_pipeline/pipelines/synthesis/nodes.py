@@ -134,11 +134,10 @@ def synthesize_validation_set(
     rng = np.random.default_rng([int(seed), VALIDATION_STREAM])
     if validation_images is None or not len(validation_images):
         return _build_set(support_images, foreground_masks, textures, recipe, recipe["n_per_image"], rng)
-    method = recipe.get("foreground", "auto")
     return build_unseen_validation_set(
         validation_images, int(recipe.get("unseen_defects_per_image", 2)), rng, textures,
         _family_config({**recipe, "families": recipe.get("families") or {"perlin": 1.0}}),
-        foreground_masks=[foreground_mask(image, method=method) for image in validation_images], foreground=method,
+        foreground=recipe.get("foreground", "auto"),
     )
 
 
