@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fsad_pipeline.models.anomaly_map import DFDAnomalyMapGenerator, NormalizationStats
-from fsad_pipeline.models.dfd import DFDModel
+from fsad_pipeline.models.dfd import DFDModel, gaussian_loss
 from fsad_pipeline.models.dfd_training import (
     CONFIG_FILENAME,
     WEIGHTS_FILENAME,
@@ -18,7 +18,12 @@ from fsad_pipeline.models.dfd_training import (
     DFDTrainConfig,
     ValidationFeatures,
     batch_loss,
+    compute_path_maps,
+    gaussian_collapse_loss,
     load_dfd,
+    choose_path_weights,
+    configured_path_weights,
+    path_weight_candidates,
     save_dfd,
     score_dfd,
     train_dfd,
@@ -251,3 +256,103 @@ def test_gaussian_token_fraction_feeds_a_random_subset_of_tokens() -> None:
     loss_a, _ = batch_loss(model, batch, full, torch.Generator().manual_seed(3))
     loss_b, _ = batch_loss(model, batch, _config(gaussian_token_fraction=1.0), torch.Generator().manual_seed(3))
     assert torch.equal(loss_a, loss_b)
+
+
+def test_the_collapse_value_is_the_loss_of_a_gaussian_discriminator_blind_to_the_noise() -> None:
+    config = _config(fusion_weights="auto")
+    assert gaussian_collapse_loss(config) == pytest.approx(2.0)  # 2 x margin 0.5, two paths
+    for constant in (-0.5, 0.0, 0.3, 0.5):  # the same output for f and f + noise, anywhere in [-m, m]
+        same = torch.full((10,), constant)
+        assert float(gaussian_loss(same, same, 0.5)) == pytest.approx(1.0)
+    outside = torch.full((10,), 0.8)
+    assert float(gaussian_loss(outside, outside, 0.5)) > 1.0
+
+
+def test_auto_path_weights_choose_between_the_reference_and_the_perlin_discriminator_alone() -> None:
+    auto = _config(fusion_weights="auto")
+    assert path_weight_candidates(auto) == [(0.5, 0.5), (1.0, 0.0)]  # the reference first: it wins ties
+    assert path_weight_candidates(_config(fusion_weights=(0.3, 0.7))) == []  # fixed weights: no choice
+    assert configured_path_weights(auto) == ((0.5, 0.5), (0.5, 0.5))
+    assert configured_path_weights(_config(fusion_weights=(0.3, 0.7))) == ((0.3, 0.7), (0.3, 0.7))
+    assert configured_path_weights(_config(fusion_weights=(1, 0), score_weights=(0, 1))) == ((1.0, 0.0), (0.0, 1.0))
+    with pytest.raises(ValueError, match="fusion_weights"):
+        _config(fusion_weights="perlin")
+    assert configured_path_weights(_config(fusion_weights="auto", score_weights=(0.5, 0.5))) == ((0.5, 0.5),) * 2
+    assert DFDTrainConfig.from_dict(auto.to_dict()).fusion_weights == "auto"
+    fixed = _config(fusion_weights=(1.0, 0.0), score_weights=(0.5, 0.5))
+    assert DFDTrainConfig.from_dict(fixed.to_dict()) == fixed
+
+
+def _path_maps_where(perlin_signal: float, gaussian_signal: float):
+    """Validation maps of 8 images (4 anomalous, a 4x4 defect square) in which each path carries
+    the defect with the given strength on top of the same noise; a constant 0..1 range."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(8, IMAGE, IMAGE)
+    masks[:4, 4:8, 4:8] = 1.0
+    labels = torch.tensor([1.0] * 4 + [0.0] * 4)
+    perlin = torch.rand(8, IMAGE, IMAGE, generator=generator) + perlin_signal * masks
+    gaussian = torch.rand(8, IMAGE, IMAGE, generator=generator) + gaussian_signal * masks
+    validation = ValidationFeatures(torch.zeros(8, DIM, *GRID), torch.zeros(8, DIM, *GRID), masks, labels)
+    stats = NormalizationStats(0.0, 1.0 + perlin_signal, 0.0, 1.0 + gaussian_signal)
+    return DFDAnomalyMapGenerator((IMAGE, IMAGE)), perlin, gaussian, stats, validation
+
+
+def test_the_validation_drops_a_gaussian_path_that_only_adds_noise() -> None:
+    generator, perlin, gaussian, stats, validation = _path_maps_where(perlin_signal=3.0, gaussian_signal=0.0)
+    candidates = [(0.5, 0.5), (1.0, 0.0)]
+    map_weights, score_weights, metrics = choose_path_weights(generator, perlin, gaussian, stats, validation, candidates)
+    assert map_weights == (1.0, 0.0)  # the noise path blurs the map: Perlin alone locates better
+    assert metrics["pixel_auroc"] > 0.99
+    # Both separate the images perfectly: the tie keeps the reference for the image score.
+    assert score_weights == (0.5, 0.5) and metrics["image_auroc"] == 1.0
+    # A single candidate is taken as it is.
+    assert choose_path_weights(generator, perlin, gaussian, stats, validation, [(0.5, 0.5)])[:2] == ((0.5, 0.5),) * 2
+    # Fixed image-score weights: only the map is chosen.
+    map_weights, score_weights, metrics = choose_path_weights(
+        generator, perlin, gaussian, stats, validation, candidates, score_weights=(0.0, 1.0)
+    )
+    assert (map_weights, score_weights) == ((1.0, 0.0), (0.0, 1.0))
+    assert metrics["image_auroc"] < 1.0  # the Gaussian-only map carries no defect: its own image AUROC
+
+
+def test_the_validation_keeps_the_reference_when_both_paths_carry_the_defect() -> None:
+    generator, perlin, gaussian, stats, validation = _path_maps_where(perlin_signal=0.3, gaussian_signal=0.3)
+    map_weights, score_weights, _ = choose_path_weights(
+        generator, perlin, gaussian, stats, validation, [(0.5, 0.5), (1.0, 0.0)]
+    )
+    assert map_weights == (0.5, 0.5)  # averaging two independent noisy views of the defect locates it better
+
+
+def test_a_model_scores_images_and_maps_with_the_weights_its_meta_epoch_was_selected_with() -> None:
+    validation = _validation()
+    result = train_dfd(_train_features(), _config(fusion_weights="auto"), validation=validation, progress=False)
+    best = result.history[result.best_meta_epoch]
+    map_weights, score_weights = tuple(best["map_weights"]), tuple(best["score_weights"])
+    assert {map_weights, score_weights} <= {(0.5, 0.5), (1.0, 0.0)}
+    assert result.config.fusion_weights == map_weights and result.config.score_weights == score_weights
+    scored = score_dfd(result.model, validation.low, validation.high, result.map_generator, result.stats)
+    perlin, gaussian = compute_path_maps(result.model, validation.low, validation.high, result.map_generator)
+    generator = result.map_generator
+    torch.testing.assert_close(scored["anomaly_map"], generator.fuse(perlin, gaussian, result.stats, map_weights))
+    torch.testing.assert_close(
+        scored["pred_score"], generator.fuse(perlin, gaussian, result.stats, score_weights).flatten(1).amax(1)
+    )
+    # Fixed weights are never changed, and without a validation "auto" keeps the reference.
+    fixed = train_dfd(_train_features(), _config(fusion_weights=(1.0, 0.0)), validation=validation, progress=False)
+    assert fixed.config.fusion_weights == (1.0, 0.0) and fixed.config.score_weights == (1.0, 0.0)
+    blind = train_dfd(_train_features(), _config(fusion_weights="auto"), progress=False)
+    assert blind.config.fusion_weights == (0.5, 0.5) == blind.config.score_weights
+    # The default: the map chosen, the image score fixed at the reference mix.
+    maps_only = train_dfd(_train_features(), _config(fusion_weights="auto", score_weights=(0.5, 0.5)),
+                          validation=validation, progress=False)
+    assert maps_only.config.score_weights == (0.5, 0.5)
+    assert all(record["score_weights"] == [0.5, 0.5] for record in maps_only.history)
+
+
+def test_separate_score_weights_take_the_image_score_from_their_own_map() -> None:
+    generator, perlin, gaussian, stats, _ = _path_maps_where(perlin_signal=3.0, gaussian_signal=0.0)
+    out = generator.from_path_maps(perlin, gaussian, stats, (1.0, 0.0), (0.0, 1.0))
+    torch.testing.assert_close(out["anomaly_map"], generator.fuse(perlin, gaussian, stats, (1.0, 0.0)))
+    torch.testing.assert_close(out["pred_score"], generator.fuse(perlin, gaussian, stats, (0.0, 1.0)).flatten(1).amax(1))
+    same = generator.from_path_maps(perlin, gaussian, stats, (1.0, 0.0))
+    assert same["score_map"] is same["anomaly_map"]

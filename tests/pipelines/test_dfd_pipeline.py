@@ -28,6 +28,10 @@ def test_dfd_chain_end_to_end(tiny_project):
     for name, scorer in metrics["scorers"].items():
         assert 0.0 <= scorer["image_auroc"] <= 1.0 and 0.0 <= scorer["pixel_auroc"] <= 1.0, name
     assert abs(sum(metrics["fusion_weights"].values()) - 1.0) < 1e-6
+    # dfd.fusion_weights auto: the validation chose each of the DFD's map and image-score mixes.
+    assert metrics["dfd_path_weights"]  # one entry per DFD member
+    for weights in metrics["dfd_path_weights"]:
+        assert weights["map"] in ([0.5, 0.5], [1.0, 0.0]) and weights["score"] in ([0.5, 0.5], [1.0, 0.0])
     predictions = pd.read_csv(tiny_project.path("data/07_model_output/predictions.csv"), keep_default_na=False)
     assert list(predictions.columns[:6]) == ["path", "gt_label", "defect_type", "mask_path", "pred_score", "pred_label"]
     assert {"score_dfd", "score_knn", "score_gaussian"} <= set(predictions.columns)

@@ -54,7 +54,7 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fsad_pipeline.models.dfd_training import DFDTrainConfig, save_dfd  # noqa: E402
+from fsad_pipeline.models.dfd_training import DFDTrainConfig, compute_path_maps, save_dfd  # noqa: E402
 from fsad_pipeline.scoring.dfd_scorer import SCORER_CONFIG_FILE, DFDScorer, score_held_out_in_chunks, support_folds  # noqa: E402
 
 
@@ -186,3 +186,28 @@ def test_a_validation_made_from_unseen_good_images_needs_no_cross_fit(datasets):
     assert not scorer.cross_fitted and len(scorer.members) == 1
     held_out = scorer.score_held_out(validation.images, validation.source_index)
     np.testing.assert_allclose(held_out["pred_score"], scorer.score(validation.images)["pred_score"], rtol=1e-6)
+
+
+def test_members_keep_the_path_weights_they_were_selected_with(datasets, tmp_path):
+    rng = np.random.default_rng(5)
+    train, validation = datasets.pseudo_anomaly_set(rng, 8, 32), datasets.pseudo_anomaly_set(rng, 8, 32)
+    features = FeatureConfig(pretrain_dim=16, target_dim=16, image_size=32, batch_size=8)
+    config = DFDTrainConfig(meta_epochs=1, epochs=1, gaussian_hidden=16, seed=0, fusion_weights=(1.0, 0.0),
+                            score_weights=(0.0, 1.0))
+    scorer = DFDScorer.fit(train, validation, features=features, train_config=config, device="cpu", progress=False)
+    member = scorer.members[0]
+    assert (member.map_weights, member.score_weights) == ((1.0, 0.0), (0.0, 1.0))
+    assert scorer.info["path_weights"] == [{"map": [1.0, 0.0], "score": [0.0, 1.0]}]
+    scorer.save(tmp_path / "dfd")
+    loaded = DFDScorer.load(tmp_path / "dfd", device="cpu")
+    assert [(m.map_weights, m.score_weights) for m in loaded.members] == [((1.0, 0.0), (0.0, 1.0))]
+    scored, reloaded = scorer.score(validation.images), loaded.score(validation.images)
+    np.testing.assert_allclose(reloaded["anomaly_map"], scored["anomaly_map"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(reloaded["pred_score"], scored["pred_score"], rtol=1e-6, atol=1e-6)
+    low, high = scorer._features(validation.images)
+    perlin, gaussian = compute_path_maps(member.model, low, high, scorer._generator)
+    generator, stats = scorer._generator, member.stats
+    np.testing.assert_allclose(scored["anomaly_map"], generator.fuse(perlin, gaussian, stats, (1.0, 0.0)).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    image_map = generator.fuse(perlin, gaussian, stats, (0.0, 1.0))
+    np.testing.assert_allclose(scored["pred_score"], image_map.flatten(1).amax(1).numpy(), rtol=1e-5, atol=1e-5)

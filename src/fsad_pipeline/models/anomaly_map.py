@@ -131,7 +131,9 @@ class DFDAnomalyMapGenerator:
     ``A_p = map(perlin_low) + map(perlin_high)`` and ``A_g = map(gaussian_low) + map(gaussian_high)``,
     where ``map`` = bilinear upsample + Gaussian blur. Both are linear, so ``A_p`` is computed as
     ``map(perlin_low + perlin_high)``: exact up to float rounding and half the work.
-    Fused map = ``w_p·norm(A_p) + w_g·norm(A_g)``; ``pred_score`` = max of the fused map.
+    Fused map = ``w_p·norm(A_p) + w_g·norm(A_g)``; ``pred_score`` = max of the fused map, or of
+    the map fused with ``score_weights`` when those differ (a trained model may take its image
+    score and its map from different mixes of the two discriminators; see ``DFDTrainConfig``).
     (The reference normalises image scores separately from pixel maps; with frozen stats the max
     of the fused map is the consistent single-image score.)
     """
@@ -143,11 +145,13 @@ class DFDAnomalyMapGenerator:
         *,
         truncate: float = 4.0,
         fusion_weights: tuple[float, float] = (0.5, 0.5),
+        score_weights: tuple[float, float] | None = None,
     ) -> None:
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.sigma = float(sigma)
         self.truncate = float(truncate)
         self.fusion_weights = (float(fusion_weights[0]), float(fusion_weights[1]))
+        self.score_weights = None if score_weights is None else (float(score_weights[0]), float(score_weights[1]))
 
     def path_map(self, scores_low: Tensor, scores_high: Tensor) -> Tensor:
         """Smoothed map of one discriminator summed over the low and high paths, ``(B, H, W)``."""
@@ -176,13 +180,27 @@ class DFDAnomalyMapGenerator:
         ) + weight_gaussian * min_max_normalize(gaussian_map, stats.gaussian_min, stats.gaussian_max)
 
     def from_path_maps(
-        self, perlin_map: Tensor, gaussian_map: Tensor, stats: NormalizationStats
+        self,
+        perlin_map: Tensor,
+        gaussian_map: Tensor,
+        stats: NormalizationStats,
+        weights: tuple[float, float] | None = None,
+        score_weights: tuple[float, float] | None = None,
     ) -> dict[str, Tensor]:
-        """Fused output dict from already computed per-path maps."""
-        anomaly_map = self.fuse(perlin_map, gaussian_map, stats)
+        """Fused output dict from already computed per-path maps.
+
+        ``weights`` fuse the anomaly map, ``score_weights`` the map whose maximum is the image
+        score (``score_map``); each defaults to the generator's own.
+        """
+        map_weights = weights if weights is not None else self.fusion_weights
+        score_weights = score_weights or self.score_weights or map_weights
+        anomaly_map = self.fuse(perlin_map, gaussian_map, stats, map_weights)
+        same = tuple(map(float, score_weights)) == tuple(map(float, map_weights))
+        score_map = anomaly_map if same else self.fuse(perlin_map, gaussian_map, stats, score_weights)
         return {
             "anomaly_map": anomaly_map,
-            "pred_score": anomaly_map.flatten(1).amax(dim=1),
+            "score_map": score_map,
+            "pred_score": score_map.flatten(1).amax(dim=1),
             "perlin_map": perlin_map,
             "gaussian_map": gaussian_map,
             "perlin_score": perlin_map.flatten(1).amax(dim=1),
@@ -197,6 +215,6 @@ class DFDAnomalyMapGenerator:
         gaussian_high: Tensor,
         stats: NormalizationStats,
     ) -> dict[str, Tensor]:
-        """anomaly_map (B,H,W), pred_score (B,), perlin/gaussian maps (B,H,W) and raw scores (B,)."""
+        """anomaly_map and score_map (B,H,W), pred_score (B,), perlin/gaussian maps (B,H,W) and raw scores (B,)."""
         maps = self.path_maps(perlin_low, perlin_high, gaussian_low, gaussian_high)
         return self.from_path_maps(maps["perlin_map"], maps["gaussian_map"], stats)

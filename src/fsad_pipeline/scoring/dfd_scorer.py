@@ -30,7 +30,7 @@ import logging
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from fsad_pipeline.models.anomaly_map import DFDAnomalyMapGenerator, Normalizati
 from fsad_pipeline.models.backbones import build_backbone
 from fsad_pipeline.models.dfd import DFDModel
 from fsad_pipeline.models.dfd_training import (
+    REFERENCE_WEIGHTS,
     CachedFeatures,
     DFDTrainConfig,
     TrainResult,
@@ -108,6 +109,8 @@ class DFDMember:
     model: DFDModel
     stats: NormalizationStats
     held_out: list[int] = field(default_factory=list)  # support indices left out of its training (a validator)
+    map_weights: tuple[float, float] = REFERENCE_WEIGHTS  # (Perlin, Gaussian) weights of its anomaly map
+    score_weights: tuple[float, float] = REFERENCE_WEIGHTS  # ... and of the map whose maximum is its image score
 
 
 def support_folds(n_supports: int, folds: int | None) -> list[list[int]]:
@@ -140,9 +143,7 @@ class DFDScorer:
             raise ValueError("a DFD scorer needs at least one trained member")
         self.image_size = as_hw(self.features.image_size)
         self._extractor: PatchFeatureExtractor | None = None
-        self._generator = DFDAnomalyMapGenerator(
-            self.image_size, self.train_config.map_sigma, fusion_weights=self.train_config.fusion_weights
-        )
+        self._generator = DFDAnomalyMapGenerator(self.image_size, self.train_config.map_sigma)
 
     @property
     def extractor(self) -> PatchFeatureExtractor:
@@ -230,7 +231,12 @@ class DFDScorer:
             if held_out or len(groups) == 1:  # a scoring member beside validators scores no validation row
                 outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
                 outputs["pred_score"][val_rows] = scored["pred_score"]
-            members.append(DFDMember(result.model.cpu(), result.stats, list(held_out)))
+            members.append(
+                DFDMember(
+                    result.model.cpu(), result.stats, list(held_out),
+                    result.config.fusion_weights, result.config.score_weights or result.config.fusion_weights,
+                )
+            )
             history.extend({**record, "member": index} for record in result.history)
             best_epochs.append(result.best_meta_epoch)
             train_seconds += result.train_seconds
@@ -252,6 +258,9 @@ class DFDScorer:
                 "train_seconds": train_seconds,
                 "best_meta_epoch": best_epochs[0] if len(best_epochs) == 1 else best_epochs,
                 "members": len(members),
+                "path_weights": [
+                    {"map": list(member.map_weights), "score": list(member.score_weights)} for member in members
+                ],
                 "held_out_supports": [member.held_out for member in members],
                 "training_samples": len(train_samples),
                 "validation_samples": len(validation_samples),
@@ -274,17 +283,22 @@ class DFDScorer:
         )
 
     def _member_outputs(self, member: DFDMember, low: torch.Tensor, high: torch.Tensor) -> dict[str, torch.Tensor]:
-        return score_dfd(member.model, low, high, self._generator, member.stats, device=select_device(self.device))
+        return score_dfd(
+            member.model, low, high, self._generator, member.stats, weights=member.map_weights,
+            score_weights=member.score_weights, device=select_device(self.device),
+        )
 
     def _mean_outputs(self, low: torch.Tensor, high: torch.Tensor) -> ScoreBatch:
-        """The scoring members' mean map; image score = its maximum (one member: exactly its own output)."""
+        """The scoring members' mean map; image score = the maximum of their mean image-score map (the
+        anomaly map unless a member scores images with other path weights); one member: its own output."""
         members = self.scoring_members
         if len(members) == 1:
             outputs = self._member_outputs(members[0], low, high)
             maps, scores = outputs["anomaly_map"], outputs["pred_score"]
         else:
-            maps = torch.stack([self._member_outputs(m, low, high)["anomaly_map"] for m in members]).mean(dim=0)
-            scores = maps.flatten(1).amax(dim=1)
+            outputs = [self._member_outputs(m, low, high) for m in members]
+            maps = torch.stack([o["anomaly_map"] for o in outputs]).mean(dim=0)
+            scores = torch.stack([o["score_map"] for o in outputs]).mean(dim=0).flatten(1).amax(dim=1)
         return {"anomaly_map": maps.numpy().astype(np.float32), "pred_score": scores.numpy().astype(np.float32)}
 
     def score(self, images: np.ndarray) -> ScoreBatch:
@@ -321,7 +335,9 @@ class DFDScorer:
         directory.mkdir(parents=True, exist_ok=True)
         extra = {"features": asdict(self.features)}
         for index, member in enumerate(self.members):
-            save_dfd(directory / MEMBER_DIR.format(index), member.model, self.train_config, member.stats, extra=extra)
+            # the weights it scores with
+            config = replace(self.train_config, fusion_weights=member.map_weights, score_weights=member.score_weights)
+            save_dfd(directory / MEMBER_DIR.format(index), member.model, config, member.stats, extra=extra)
         payload = {
             "format_version": SCORER_FORMAT_VERSION,
             "name": self.name,
@@ -354,7 +370,12 @@ class DFDScorer:
             if directory.resolve() not in (folder, *folder.parents):
                 raise ValueError(f"{directory}: member folder {entry['folder']!r} lies outside the model folder")
             model, train_config, stats, _ = load_dfd(folder)
-            members.append(DFDMember(model, stats, [int(i) for i in entry.get("held_out", [])]))
+            members.append(
+                DFDMember(
+                    model, stats, [int(i) for i in entry.get("held_out", [])], train_config.fusion_weights,
+                    train_config.score_weights or train_config.fusion_weights,
+                )
+            )
         return cls(
             features=FeatureConfig.from_dict(payload["features"]),
             members=members,

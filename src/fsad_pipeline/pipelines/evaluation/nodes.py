@@ -70,6 +70,7 @@ def compute_metrics(
             "embedding_dim": dfd_model.features.target_dim,
             "train_seconds": dfd_model.info.get("train_seconds"),
             "best_meta_epoch": dfd_model.info.get("best_meta_epoch"),
+            "dfd_path_weights": dfd_model.info.get("path_weights"),  # (Perlin, Gaussian) for the map and the image score
             "score_images_per_second": scoring_timing["score_images_per_second"],
             "score_seconds": scoring_timing["score_seconds"],
             "defect_type": defect_type_metrics,
