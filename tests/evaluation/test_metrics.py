@@ -19,6 +19,7 @@ from fsad_pipeline.evaluation.metrics import (
     pixel_auroc,
     pr_curve_points,
     pro_curve,
+    rank_auroc,
     roc_curve_points,
 )
 
@@ -76,6 +77,16 @@ def test_image_auroc_matches_sklearn():
     labels = rng.integers(0, 2, 50)
     scores = np.round(rng.random(50) + 0.3 * labels, 1)
     assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_auroc_is_sklearns_statistic_ties_included(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(2000) < 0.2
+    values = rng.integers(0, 30, 2000).astype(np.float32)  # many ties
+    assert rank_auroc(labels, values) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
+    assert image_auroc(labels.astype(int) * 2, values) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
+    assert math.isnan(rank_auroc(np.zeros(5, bool), np.arange(5.0)))
 
 
 def test_image_auroc_single_class_is_nan_with_warning(caplog):

@@ -119,6 +119,37 @@ def test_batch_loss_reaches_every_parameter() -> None:
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def test_bfloat16_autocast_keeps_the_loss_and_float32_gradients() -> None:
+    """Mixed precision: the adaptor and the Perlin discriminator under bfloat16, the rest float32."""
+    config = _config()
+    with pytest.raises(ValueError, match="precision"):
+        _config(precision="fp16")
+    batch = _make_split(4, 0)
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = DFDModel(DIM, GRID, config.model_config()).train()
+        dtypes: list[torch.dtype] = []
+        hook = model.gaussian.register_forward_hook(lambda _m, args, _out: dtypes.append(args[0].dtype))
+        loss, parts = batch_loss(model, batch, config, torch.Generator().manual_seed(0), dtype)
+        hook.remove()
+        assert loss.dtype == torch.float32 and dtypes == [torch.float32, torch.float32]
+        loss.backward()
+        for name, parameter in model.named_parameters():
+            assert parameter.dtype == torch.float32 and parameter.grad.dtype == torch.float32, name
+            assert parameter.grad.abs().sum() > 0, name
+        losses[dtype] = parts
+    for name in ("gaussian", "perlin", "similarity"):
+        assert losses[torch.bfloat16][name] == pytest.approx(losses[None][name], rel=0.05, abs=0.02), name
+
+
+def test_training_under_bfloat16_learns_the_defects() -> None:
+    train, validation = _train_features(), _validation()
+    result = train_dfd(train, _config(precision="bf16", meta_epochs=3), validation=validation, progress=False)
+    assert all(value.dtype == torch.float32 for value in result.model.state_dict().values() if value.is_floating_point())
+    assert result.history[result.best_meta_epoch]["image_auroc"] >= 0.9
+
+
 def test_training_is_deterministic() -> None:
     train = _train_features()
     first = train_dfd(train, _config(), progress=False)

@@ -2,7 +2,8 @@
 
 Conventions follow anomalib / ``methods.md`` §13:
 
-* image AUROC via ``sklearn.metrics.roc_auc_score``;
+* AUROC (image and pixel alike) exact, rank-based (Mann-Whitney U, ties count half): the
+  statistic ``sklearn.metrics.roc_auc_score`` computes, at a sort's cost (:func:`rank_auroc`);
 * pixel AUROC over all pixels of all images pooled, GT masks binarised ``> 0.5``;
 * AUPRO: per-region overlap over connected GT components (8-connectivity), PRO
   averaged over all regions of all images pooled, FPR = FP pixels / all
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ __all__ = [
     "pixel_auroc",
     "pr_curve_points",
     "pro_curve",
+    "rank_auroc",
     "roc_curve_points",
+    "sorted_auroc",
 ]
 
 MASK_THRESHOLD = 0.5  # GT masks are binarised with ``mask > MASK_THRESHOLD``.
@@ -117,6 +120,34 @@ def _finite_thresholds(thresholds: np.ndarray, scores: np.ndarray) -> np.ndarray
 
 
 # --------------------------------------------------------------------------- #
+# AUROC
+# --------------------------------------------------------------------------- #
+def sorted_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AUROC (Mann-Whitney U, ties count half) of two SORTED 1-D arrays; NaN when one is empty.
+
+    The positives (sorted needles, cache-friendly) are searched among the negatives: the count
+    of negatives below each positive plus half of those equal to it, summed.
+    """
+    if not positives.size or not negatives.size:
+        return float("nan")
+    below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.int64)
+    at_or_below = np.searchsorted(negatives, positives, side="right").sum(dtype=np.int64)
+    return float((below + at_or_below) / 2.0 / (float(positives.size) * float(negatives.size)))
+
+
+def rank_auroc(labels: Any, values: Any) -> float:
+    """Exact AUROC of 1-D ``values`` against boolean ``labels``; NaN when a class is empty.
+
+    The statistic ``sklearn.metrics.roc_auc_score`` computes (ties count half), without its
+    float64 copies and stable argsort: 5 M pixels take ~0.4 s instead of ~2.5 s, which matters
+    where it runs every meta-epoch (DFD's validation) or for hundreds of fusion candidates.
+    """
+    labels = np.asarray(labels, dtype=bool).ravel()
+    values = np.asarray(values).ravel()
+    return sorted_auroc(np.sort(values[labels]), np.sort(values[~labels]))
+
+
+# --------------------------------------------------------------------------- #
 # image level
 # --------------------------------------------------------------------------- #
 def image_auroc(gt_labels: Any, pred_scores: Any) -> float:
@@ -124,7 +155,7 @@ def image_auroc(gt_labels: Any, pred_scores: Any) -> float:
     labels, scores = _labels_and_scores(gt_labels, pred_scores)
     if _single_class(labels, "image AUROC"):
         return float("nan")
-    return float(roc_auc_score(labels, scores))
+    return rank_auroc(labels == labels.max(), scores)  # the greater label is the positive (sklearn)
 
 
 def f1_max(gt_labels: Any, pred_scores: Any) -> tuple[float, float]:
@@ -211,8 +242,7 @@ def per_defect_type_auroc(
             logger.warning("AUROC for defect type %r is undefined: no normal images", defect)
             result[defect] = float("nan")
             continue
-        pair_labels = np.r_[np.zeros(normal_scores.size), np.ones(defect_scores.size)]
-        result[defect] = float(roc_auc_score(pair_labels, np.r_[normal_scores, defect_scores]))
+        result[defect] = sorted_auroc(np.sort(defect_scores), np.sort(normal_scores))
     return result
 
 
@@ -220,38 +250,27 @@ def per_defect_type_auroc(
 # pixel level
 # --------------------------------------------------------------------------- #
 def pixel_auroc(gt_masks: Any, anomaly_maps: Any) -> float:
-    """Pixel-level AUROC over all pixels of all images pooled (exact).
+    """Pixel-level AUROC over all pixels of all images pooled (exact, :func:`sorted_auroc`).
 
-    Rank-based (Mann-Whitney U) with average ranks for ties, computed on float32
-    with one in-place sort of all scores plus binary searches for the positive
-    pixels, so no float64 copy of all pixels is made. NaN when one class only.
+    The positive and the negative pixels are gathered once each (float32, no float64 copy of
+    all pixels) and sorted in place. NaN when one class only.
     """
-    score_chunks: list[np.ndarray] = []
     positive_chunks: list[np.ndarray] = []
+    negative_chunks: list[np.ndarray] = []
     for mask, amap in _iter_mask_map_pairs(gt_masks, anomaly_maps):
-        score_chunks.append(amap.ravel())
         positive_chunks.append(amap[mask])
-    if not score_chunks:
+        negative_chunks.append(amap[~mask])
+    if not positive_chunks:
         logger.warning("pixel AUROC is undefined: no images")
         return float("nan")
-    all_scores = np.concatenate(score_chunks)
-    del score_chunks
-    positive_scores = np.concatenate(positive_chunks)
-    del positive_chunks
-    n_total = all_scores.size
-    n_positive = positive_scores.size
-    n_negative = n_total - n_positive
-    if n_positive == 0 or n_negative == 0:
+    positives, negatives = np.concatenate(positive_chunks), np.concatenate(negative_chunks)
+    del positive_chunks, negative_chunks
+    if positives.size == 0 or negatives.size == 0:
         logger.warning("pixel AUROC is undefined: only one class present in gt_masks")
         return float("nan")
-    all_scores.sort()
-    # 0-based index range [left, right) of each positive's tie group; its average
-    # 1-based rank is (left + 1 + right) / 2.
-    left = np.searchsorted(all_scores, positive_scores, side="left")
-    right = np.searchsorted(all_scores, positive_scores, side="right")
-    twice_rank_sum = int(left.sum(dtype=np.int64)) + int(right.sum(dtype=np.int64)) + n_positive
-    u_statistic = twice_rank_sum / 2.0 - n_positive * (n_positive + 1) / 2.0
-    return float(u_statistic / (float(n_positive) * float(n_negative)))
+    positives.sort()
+    negatives.sort()
+    return sorted_auroc(positives, negatives)
 
 
 def _collect_regions(

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fsad_pipeline.evaluation.metrics import rank_auroc
 from fsad_pipeline.models.anomaly_map import DFDAnomalyMapGenerator, NormalizationStats
 from fsad_pipeline.models.dfd import (
     DFDModel,
@@ -36,6 +36,7 @@ from fsad_pipeline.models.dfd import (
     perlin_loss,
     similarity_loss,
 )
+from fsad_pipeline.models.precision import PRECISIONS, autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class DFDTrainConfig:
             selection score (``None``: always run all ``meta_epochs``, as the reference does).
             The cosine schedule keeps its full length, so a run that does not stop early is
             the same with or without it.
+        precision: ``fp32`` (the reference), ``bf16`` or ``auto``: the adaptor and the Perlin
+            discriminator run under bfloat16 autocast (``auto``: only where the chip does
+            bfloat16 natively; :mod:`fsad_pipeline.models.precision`). Parameters, optimiser
+            state, the Gaussian discriminator and its noise, the losses and every scoring pass
+            stay float32.
         seed: seeds model init, batch sampling and the feature noise.
     """
 
@@ -122,6 +128,7 @@ class DFDTrainConfig:
     scoring_batch_size: int = 32
     gaussian_token_fraction: float = 1.0
     patience: int | None = None
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +145,8 @@ class DFDTrainConfig:
             raise ValueError(f"gaussian_token_fraction must be in (0, 1], got {self.gaussian_token_fraction}")
         if self.patience is not None and self.patience < 1:
             raise ValueError("patience must be >= 1 (or None: no early stopping)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def model_config(self) -> DFDModelConfig:
         """The architecture part of this config."""
@@ -288,6 +297,7 @@ def path_losses(
     labels: Tensor,
     config: DFDTrainConfig,
     noise_generator: torch.Generator | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted Gaussian, Perlin and similarity losses of one frequency path.
 
@@ -297,12 +307,16 @@ def path_losses(
       ``gaussian_token_fraction < 1`` a random subset of the tokens does.
     * Perlin: projected features of the augmented image; pixel + image loss on the mask.
     * Similarity: cosine of projected normal vs augmented features on anomalous patches.
+
+    ``compute_dtype`` (e.g. ``torch.bfloat16``) autocasts the adaptor and the Perlin
+    discriminator; their outputs come back as float32 before the noise and the losses.
     """
     batch, dim, height, width = normal.shape
     # One adaptor matmul for both images: exact, the adaptor has no batch statistics.
     both = torch.cat([normal, augmented])
     tokens = both.permute(0, 2, 3, 1).reshape(2 * batch, height * width, dim)
-    projected = model.adaptor(tokens)
+    with autocast(compute_dtype, tokens.device):
+        projected = model.adaptor(tokens).float()
     proj_normal, proj_aug = projected[:batch], projected[batch:]
 
     real = proj_normal.reshape(-1, dim)
@@ -313,10 +327,14 @@ def path_losses(
     noise = torch.randn(
         real.shape, generator=noise_generator, device=real.device, dtype=real.dtype
     )
-    logits = model.gaussian(torch.cat([real, real + config.noise_std * noise]))
+    # Float32 here even under autocast: the noise (σ 0.015) is finer than bfloat16's step at the
+    # features' scale (2^-6 at 2-4), so the discriminator would see a rounded copy of it.
+    with autocast(None, real.device):
+        logits = model.gaussian(torch.cat([real, real + config.noise_std * noise]))
     loss_gaussian = gaussian_loss(logits[: real.shape[0]], logits[real.shape[0] :], config.margin)
 
-    perlin_logits = model.perlin.forward_tokens(proj_aug).reshape(batch, height, width)
+    with autocast(compute_dtype, proj_aug.device):
+        perlin_logits = model.perlin.forward_tokens(proj_aug).float().reshape(batch, height, width)
     loss_perlin = perlin_loss(
         perlin_logits,
         masks,
@@ -338,12 +356,14 @@ def batch_loss(
     batch: dict[str, Tensor],
     config: DFDTrainConfig,
     noise_generator: torch.Generator | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Total loss Σ_{path ∈ low, high} [w_g·L_g + w_p·L_p + w_s·L_sim] and its parts (floats).
 
     ``batch`` holds normal_low, normal_high, aug_low, aug_high, masks, labels. The two paths run
     through the shared modules in SEPARATE forward passes, as in the reference: concatenating
     them would mix low- and high-frequency features in the BatchNorm statistics.
+    ``compute_dtype``: see :func:`path_losses`.
     """
     parts = {"gaussian": 0.0, "perlin": 0.0, "similarity": 0.0}
     total: Tensor | None = None
@@ -361,6 +381,7 @@ def batch_loss(
             batch["labels"],
             config,
             noise_generator,
+            compute_dtype,
         )
         for name, value in losses.items():
             weighted = weights[name] * value
@@ -436,7 +457,7 @@ def _safe_auroc(targets: np.ndarray, scores: np.ndarray) -> float | None:
         return None
     if not np.all(np.isfinite(scores)):
         return float("nan")
-    return float(roc_auc_score(targets, scores))
+    return rank_auroc(targets > 0, scores)
 
 
 def validation_metrics(
@@ -627,6 +648,9 @@ def train_dfd(
     sample_generator = torch.Generator().manual_seed(config.seed)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     adaptor_optimiser, discriminator_optimiser, scheduler = _build_optimisers(model, config)
+    compute_dtype = resolve_precision(config.precision, device)
+    if compute_dtype is not None:
+        logger.info("DFD: training under %s autocast (precision %s on %s)", compute_dtype, config.precision, device)
 
     num_samples = len(train)
     steps_per_epoch = math.ceil(num_samples / config.batch_size)
@@ -647,7 +671,7 @@ def train_dfd(
                 batch = _gather_batch(train, indices, device)
                 adaptor_optimiser.zero_grad(set_to_none=True)
                 discriminator_optimiser.zero_grad(set_to_none=True)
-                loss, parts = batch_loss(model, batch, config, noise_generator)
+                loss, parts = batch_loss(model, batch, config, noise_generator, compute_dtype)
                 loss.backward()
                 adaptor_optimiser.step()
                 discriminator_optimiser.step()

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fsad_pipeline.evaluation.metrics import per_defect_type_auroc
+from fsad_pipeline.evaluation.metrics import per_defect_type_auroc, rank_auroc, sorted_auroc
 
 logger = logging.getLogger(__name__)
 
@@ -332,27 +332,6 @@ def _sample_pixels(masks: np.ndarray, rows: np.ndarray, max_pixels: int, seed: i
     return index, labels
 
 
-def _sorted_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """AUROC (Mann-Whitney U, ties count half) of two sorted 1-D arrays; NaN when one is empty."""
-    if not positives.size or not negatives.size:
-        return float("nan")
-    below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.int64)
-    at_or_below = np.searchsorted(negatives, positives, side="right").sum(dtype=np.int64)
-    return float((below + at_or_below) / 2.0 / (float(positives.size) * float(negatives.size)))
-
-
-def rank_auroc(labels: np.ndarray, values: np.ndarray) -> float:
-    """Exact AUROC of 1-D ``values`` against boolean ``labels``; NaN when a class is empty.
-
-    The same statistic as ``evaluation.metrics`` (image and pixel AUROC), computed for the weight
-    search's hundreds of candidates: both classes sorted, then the positives (sorted needles,
-    cache-friendly) searched among the negatives.
-    """
-    labels = np.asarray(labels, dtype=bool)
-    values = np.asarray(values)
-    return _sorted_auroc(np.sort(values[labels]), np.sort(values[~labels]))
-
-
 #: Row kinds of the weight search: held-out supports (negatives), synthetic positives, real
 #: (labelled defect) positives, and unseen good images (negatives scored by the fitted scorers).
 NEGATIVE, SYNTHETIC, REAL, UNSEEN = 0, 1, 2, 3
@@ -424,7 +403,7 @@ def _search(
 def _objective(values: np.ndarray, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
     """The weight search's objective for one value vector: the mean AUROC over its ``parts``
     (:func:`_parts`); NaN without any."""
-    aurocs = [_sorted_auroc(np.sort(values[kinds == kind]), np.sort(values[negative])) for kind, negative in parts]
+    aurocs = [sorted_auroc(np.sort(values[kinds == kind]), np.sort(values[negative])) for kind, negative in parts]
     return float(np.mean(aurocs)) if aurocs else float("nan")
 
 
