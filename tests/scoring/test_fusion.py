@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fsad_pipeline.evaluation.metrics import image_auroc, pixel_auroc
+from fsad_pipeline.evaluation.metrics import auroc_standard_error, image_auroc, pixel_auroc
 from fsad_pipeline.scoring.fusion import (
     Fusion,
     ScoreStats,
@@ -126,6 +126,40 @@ def test_a_more_complex_candidate_needs_min_gain():
     assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.0)[0] == 3
     objectives[3] = 0.904  # within 0.005 of equal (0.903) -> equal weights, the simpler of the two
     assert select_weights(vectors, monte_carlo, objectives, separations, min_gain=0.005)[0] == 2
+
+
+def test_the_ensemble_preference_keeps_every_scorer_within_the_margin():
+    vectors, monte_carlo = candidate_weights(2, 0, seed=0)  # one-hot a, one-hot b, equal
+    separations = np.zeros(len(vectors))
+    near_tie = np.array([0.826, 0.823, 0.828])  # metal_plate's validation, the pair best by 0.002
+    assert select_weights(vectors, monte_carlo, near_tie, separations, 0.005)[0] == 0  # simplest: a alone
+    chosen, reason = select_weights(vectors, monte_carlo, near_tie, separations, 0.05, "ensemble", "its standard error")
+    assert chosen == 2 and "most scorers" in reason and "its standard error" in reason
+    clear = np.array([0.866, 0.574, 0.70])  # textile's: the pair far below DFD alone
+    assert select_weights(vectors, monte_carlo, clear, separations, 0.05, "ensemble")[0] == 0
+    with pytest.raises(ValueError, match="prefer"):
+        select_weights(vectors, monte_carlo, clear, separations, 0.05, "largest")
+
+
+def test_auroc_standard_error_is_hanley_mcneil():
+    # Hanley & McNeil (1982), the exponential approximation, by hand at A = 0.8, 10 / 20 samples.
+    q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
+    expected = np.sqrt((0.8 * 0.2 + 9 * (q1 - 0.64) + 19 * (q2 - 0.64)) / 200)
+    assert auroc_standard_error(0.8, 10, 20) == pytest.approx(expected)
+    assert auroc_standard_error(0.8, 40, 80) < auroc_standard_error(0.8, 10, 20)
+    assert auroc_standard_error(1.0, 10, 20) == 0.0
+    assert np.isnan(auroc_standard_error(0.8, 0, 20))
+
+
+@pytest.mark.parametrize("preference", ["simplest", "ensemble"])
+def test_a_noise_scorer_stays_out_under_either_preference(preference):
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 30)
+    good = labels + 0.6 * rng.standard_normal(60)
+    outputs = {"noise": _outputs(rng.standard_normal(60)), "good": _outputs(good)}
+    fitted = fit_fusion(outputs, labels, n_trials=0, seed=0, score_preference=preference)
+    assert fitted.score_weights == {"noise": 0.0, "good": 1.0}
+    assert fitted.search["scores"]["prefer"] == preference and fitted.search["scores"]["tolerance"] >= 0.005
 
 
 def test_equal_weights_when_validation_cannot_discriminate():

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "aupro",
+    "auroc_standard_error",
     "defect_type_accuracy",
     "f1_max",
     "image_auroc",
@@ -145,6 +146,22 @@ def rank_auroc(labels: Any, values: Any) -> float:
     labels = np.asarray(labels, dtype=bool).ravel()
     values = np.asarray(values).ravel()
     return sorted_auroc(np.sort(values[labels]), np.sort(values[~labels]))
+
+
+def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> float:
+    """Standard error of an AUROC estimate from ``n_positive`` / ``n_negative`` samples
+    (Hanley & McNeil 1982, the exponential approximation); NaN when undefined.
+
+    It says how far two validation AUROCs may differ by sampling alone: with 20 normals and 20
+    defects at AUROC 0.82 it is about 0.07, ten times a 0.005 margin.
+    """
+    if not (n_positive > 0 and n_negative > 0 and math.isfinite(auroc)):
+        return float("nan")
+    q1, q2 = auroc / (2.0 - auroc), 2.0 * auroc * auroc / (1.0 + auroc)
+    variance = (
+        auroc * (1.0 - auroc) + (n_positive - 1) * (q1 - auroc * auroc) + (n_negative - 1) * (q2 - auroc * auroc)
+    ) / (n_positive * n_negative)
+    return math.sqrt(max(variance, 0.0))
 
 
 # --------------------------------------------------------------------------- #

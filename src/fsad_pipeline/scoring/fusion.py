@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fsad_pipeline.evaluation.metrics import per_defect_type_auroc, rank_auroc, sorted_auroc
+from fsad_pipeline.evaluation.metrics import auroc_standard_error, per_defect_type_auroc, rank_auroc, sorted_auroc
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ DISPLAY_NORMAL_QUANTILE, DISPLAY_ANOMALY_QUANTILE = 0.99, 0.9
 _MAX_SUBSET_SCORERS = 8
 #: Where image scores take their scale from (:meth:`ScoreStats.from_normals`).
 SCORE_SCALES = ("auto", "scores", "pixels")  # equal-weight subsets are enumerated up to this many scorers (2^8 - 1 candidates)
+PREFERENCES = ("simplest", "ensemble")  # which eligible candidate select_weights takes: fewest / most scorers
 
 
 def _robust_scale(
@@ -282,12 +283,19 @@ def select_weights(
     objectives: np.ndarray,
     separations: np.ndarray,
     min_gain: float,
+    prefer: str = "simplest",
+    margin: str = "min_gain",
 ) -> tuple[int, str]:
     """Index of the chosen candidate and why (see the module docstring for the rule).
 
-    Candidates with a NaN objective never win; ``min_gain`` is the margin a more complex
-    candidate must have over a simpler one to be chosen.
+    Candidates with a NaN objective never win; those within ``min_gain`` of the best objective
+    are eligible. ``prefer``: ``simplest`` takes the fewest scorers among them (a more complex
+    candidate must beat a simpler one by ``min_gain``); ``ensemble`` takes the most scorers with
+    equal weights (a scorer is dropped only when every candidate keeping it is worse by more
+    than ``min_gain``). ``margin`` names the margin in the reason.
     """
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {PREFERENCES}, got {prefer!r}")
     valid = np.isfinite(objectives)
     if not valid.any():
         return int(np.flatnonzero(~monte_carlo)[-1]), "equal weights: no candidate has a defined objective"
@@ -295,15 +303,20 @@ def select_weights(
     eligible = np.flatnonzero(valid & (objectives >= best - min_gain))
     n_used = (vectors > 0).sum(axis=1)
 
-    def key(i: int) -> tuple:  # smaller is preferred: fewer scorers, equal weights, higher objective, separation
-        return int(n_used[i]), bool(monte_carlo[i]), -float(objectives[i]), -float(np.nan_to_num(separations[i]))
+    def key(i: int) -> tuple:  # smaller is preferred: scorer count (fewest / most), equal weights, objective, separation
+        if prefer == "simplest":
+            head: tuple = (int(n_used[i]), bool(monte_carlo[i]))
+        else:
+            head = (bool(monte_carlo[i]), -int(n_used[i]))
+        return (*head, -float(objectives[i]), -float(np.nan_to_num(separations[i])))
 
     chosen = min(eligible.tolist(), key=key)
     kind = "Monte-Carlo weights" if monte_carlo[chosen] else f"equal weights on {int(n_used[chosen])} scorer(s)"
-    simpler = [i for i in eligible if key(i)[:2] == key(chosen)[:2]]
-    tie = " (tie broken by separation)" if sum(objectives[i] == objectives[chosen] for i in simpler) > 1 else ""
+    same = [i for i in eligible if key(i)[:2] == key(chosen)[:2]]
+    tie = " (tie broken by separation)" if sum(objectives[i] == objectives[chosen] for i in same) > 1 else ""
+    which = "the simplest candidate" if prefer == "simplest" else "the candidate with the most scorers"
     reason = (
-        f"{kind}: the simplest candidate within min_gain={min_gain:g} of the best objective "
+        f"{kind}: {which} within {margin}={min_gain:.4g} of the best objective "
         f"{best:.4f} (its own: {float(objectives[chosen]):.4f}){tie}"
     )
     return chosen, reason
@@ -364,6 +377,8 @@ def _search(
     monte_carlo: np.ndarray,
     min_gain: float,
     what: str,
+    prefer: str = "simplest",
+    noise_tolerance: bool = False,
 ) -> tuple[dict[str, float], dict]:
     """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,).
 
@@ -372,6 +387,10 @@ def _search(
     positives as well, the mean of the synthetic and the real AUROC, so that the few held-out
     real defect views weigh as much as the many pseudo-anomalies. Each candidate costs one
     weighted sum and a sort per kind; the separation is the median positive.
+
+    ``noise_tolerance``: candidates within the sampling noise of the best objective are eligible
+    (its standard error, :func:`objective_standard_error`), not only within ``min_gain``;
+    ``prefer`` then picks among them (:func:`select_weights`).
     """
     kinds = np.asarray(labels).astype(int)
     parts = _parts(kinds)
@@ -383,7 +402,12 @@ def _search(
         objectives[index] = _objective(fused, kinds, parts)
         if positives_all.size:
             separations[index] = float(np.median(fused[positives_all]))
-    chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, min_gain)
+    tolerance, margin = float(min_gain), "min_gain"
+    if noise_tolerance and np.isfinite(objectives).any():
+        noise = objective_standard_error(float(np.nanmax(objectives)), kinds, parts)
+        if math.isfinite(noise) and noise > tolerance:
+            tolerance, margin = noise, "its standard error"
+    chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, tolerance, prefer, margin)
     equal = int(np.flatnonzero(~monte_carlo)[-1])  # the last subset: all scorers
     weights = _describe(vectors[chosen], names)
     record = {
@@ -395,9 +419,18 @@ def _search(
         "equal_objective": _finite(objectives[equal]),
         "separation": _finite(separations[chosen]),
         "candidates": int(len(vectors)),
+        "tolerance": _finite(tolerance),
+        "prefer": prefer,
     }
     logger.info("fusion %s weights %s: %s", what, weights, reason)
     return weights, record
+
+
+def objective_standard_error(objective: float, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
+    """Sampling noise of an objective (the mean of its parts' AUROCs): each part's Hanley-McNeil
+    standard error at that AUROC and its own counts, combined as for a mean of independent parts."""
+    errors = [auroc_standard_error(objective, int((kinds == kind).sum()), int(negative.sum())) for kind, negative in parts]
+    return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else float("nan")
 
 
 def _objective(values: np.ndarray, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
@@ -422,6 +455,7 @@ def fit_fusion(
     n_trials: int = 200,
     seed: int = 0,
     min_gain: float = 0.005,
+    score_preference: str = "simplest",
     search: bool = True,
     normal_quantile: float = 0.95,
     normal_pixel_quantile: float = 0.99,
@@ -526,7 +560,10 @@ def fit_fusion(
             # A validation whose normals a scorer was fitted on cannot certify that scorer alone.
             keep = (vectors[:, held_out] > 0).any(axis=1)
             vectors, monte_carlo = vectors[keep], monte_carlo[keep]
-        score_weights, score_record = _search(names, scores, kinds, vectors, monte_carlo, float(min_gain), "score")
+        score_weights, score_record = _search(
+            names, scores, kinds, vectors, monte_carlo, float(min_gain), "score",
+            prefer=score_preference, noise_tolerance=score_preference == "ensemble",
+        )
         if has_pixels:
             map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
         else:
