@@ -234,7 +234,7 @@ class DFDScorer:
             members.append(
                 DFDMember(
                     result.model.cpu(), result.stats, list(held_out),
-                    result.config.fusion_weights, result.config.score_weights or result.config.fusion_weights,
+                    result.config.fusion_weights, result.config.score_weights,  # training sets both
                 )
             )
             history.extend({**record, "member": index} for record in result.history)

@@ -53,9 +53,9 @@ _DISTINCT_CHECK_LIMIT = 100_000  # more values than this (pixels) are never too 
 #: The heat-map colour scale runs from this quantile of the fused map over normal validation
 #: pixels (cold below) to this quantile over anomalous ones (hot above).
 DISPLAY_NORMAL_QUANTILE, DISPLAY_ANOMALY_QUANTILE = 0.99, 0.9
-_MAX_SUBSET_SCORERS = 8
+_MAX_SUBSET_SCORERS = 8  # equal-weight subsets are enumerated up to this many scorers (2^8 - 1 candidates)
 #: Where image scores take their scale from (:meth:`ScoreStats.from_normals`).
-SCORE_SCALES = ("auto", "scores", "pixels")  # equal-weight subsets are enumerated up to this many scorers (2^8 - 1 candidates)
+SCORE_SCALES = ("auto", "scores", "pixels")
 PREFERENCES = ("simplest", "ensemble")  # which eligible candidate select_weights takes: fewest / most scorers
 
 
