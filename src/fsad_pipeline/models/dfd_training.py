@@ -695,9 +695,12 @@ def train_dfd(
                     generator, perlin_maps, gaussian_maps, stats, validation, candidates, config.score_weights
                 )
                 generator.fusion_weights, generator.score_weights = map_weights, score_weights
-            map_weights, score_weights = generator.fusion_weights, generator.score_weights or generator.fusion_weights
+            map_weights, score_weights = generator.fusion_weights, generator.score_weights  # both set at construction
             record["map_weights"], record["score_weights"] = list(map_weights), list(score_weights)
-            outputs = generator.from_path_maps(perlin_maps, gaussian_maps, stats)
+            # The fused outputs only where something reads them: choose_path_weights has the metrics.
+            outputs = None
+            if not candidates or score_fn is not None:
+                outputs = generator.from_path_maps(perlin_maps, gaussian_maps, stats)
             record.update(metrics if candidates else validation_metrics(outputs, validation.labels, validation.masks))
             if score_fn is None:
                 selection = default_selection_score(record)

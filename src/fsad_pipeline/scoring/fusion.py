@@ -378,7 +378,6 @@ def _search(
     min_gain: float,
     what: str,
     prefer: str = "simplest",
-    noise_tolerance: bool = False,
 ) -> tuple[dict[str, float], dict]:
     """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,).
 
@@ -388,9 +387,9 @@ def _search(
     real defect views weigh as much as the many pseudo-anomalies. Each candidate costs one
     weighted sum and a sort per kind; the separation is the median positive.
 
-    ``noise_tolerance``: candidates within the sampling noise of the best objective are eligible
-    (its standard error, :func:`objective_standard_error`), not only within ``min_gain``;
-    ``prefer`` then picks among them (:func:`select_weights`).
+    ``prefer``: ``simplest`` takes the fewest scorers within ``min_gain`` of the best objective;
+    ``ensemble`` the most scorers within the sampling noise of the best objective (its standard
+    error, :func:`objective_standard_error`, at least ``min_gain``) (:func:`select_weights`).
     """
     kinds = np.asarray(labels).astype(int)
     parts = _parts(kinds)
@@ -403,7 +402,7 @@ def _search(
         if positives_all.size:
             separations[index] = float(np.median(fused[positives_all]))
     tolerance, margin = float(min_gain), "min_gain"
-    if noise_tolerance and np.isfinite(objectives).any():
+    if prefer == "ensemble" and np.isfinite(objectives).any():
         noise = objective_standard_error(float(np.nanmax(objectives)), kinds, parts)
         if math.isfinite(noise) and noise > tolerance:
             tolerance, margin = noise, "its standard error"
@@ -561,8 +560,7 @@ def fit_fusion(
             keep = (vectors[:, held_out] > 0).any(axis=1)
             vectors, monte_carlo = vectors[keep], monte_carlo[keep]
         score_weights, score_record = _search(
-            names, scores, kinds, vectors, monte_carlo, float(min_gain), "score",
-            prefer=score_preference, noise_tolerance=score_preference == "ensemble",
+            names, scores, kinds, vectors, monte_carlo, float(min_gain), "score", prefer=score_preference
         )
         if has_pixels:
             map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
