@@ -14,6 +14,7 @@ from fsad_pipeline.models.anomaly_map import (
     gaussian_kernel1d,
     min_max_normalize,
     patch_scores_to_map,
+    upsample_scores,
 )
 
 
@@ -43,6 +44,17 @@ def test_patch_scores_to_map_shape_and_constant() -> None:
     maps = patch_scores_to_map(scores, (16, 16), sigma=4.0)
     assert maps.shape == (2, 16, 16)
     torch.testing.assert_close(maps, torch.full((2, 16, 16), 3.0))
+
+
+@pytest.mark.parametrize(("grid", "size", "sigma"), [((32, 32), (256, 256), 4.0), ((5, 7), (37, 64), 1.5), ((4, 6), (16, 24), 0.0)])
+def test_patch_scores_to_map_equals_upsample_then_blur(
+    grid: tuple[int, int], size: tuple[int, int], sigma: float
+) -> None:
+    """The two-matrix map is the interpolation followed by the scipy-equal blur, not an approximation."""
+    scores = torch.randn(3, *grid, generator=torch.Generator().manual_seed(1))
+    reference = gaussian_blur(upsample_scores(scores, size), sigma)
+    torch.testing.assert_close(patch_scores_to_map(scores, size, sigma), reference, atol=1e-5, rtol=1e-5)
+    assert patch_scores_to_map(scores.double(), size, sigma).dtype == torch.float64
 
 
 def test_normalization_stats_round_trip_and_percentiles() -> None:

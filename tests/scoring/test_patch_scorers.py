@@ -104,3 +104,34 @@ def test_rows_made_from_unseen_good_images_are_scored_by_the_fitted_scorers():
     for name in ("knn", "gaussian"):  # unseen rows: exactly what a new image gets
         np.testing.assert_allclose(outputs[name]["pred_score"][:2], direct[name]["pred_score"][:2], rtol=1e-5)
     assert outputs["knn"]["pred_score"][2] > direct["knn"]["pred_score"][2] + 0.1  # the support row: left out
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("normal_bank", ["coreset", "all"])
+def test_knn_and_anomalous_bank_share_one_search_with_the_same_scores(distance, normal_bank):
+    """One search serves both scorers when the bank's d_n is against the kNN coreset; every
+    score equals what the two scorers give on their own (and the other bank is left alone)."""
+    from fsad_pipeline.models.anomalous_bank import AnomalousBankScorer
+    from fsad_pipeline.models.memory_bank import MemoryBankScorer
+    from fsad_pipeline.scoring import patch_scorers
+
+    generator = torch.Generator().manual_seed(0)
+    support = torch.randn(4, 24, 6, 6, generator=generator).abs() + 0.1
+    knn = MemoryBankScorer(coreset_ratio=0.5, distance=distance, backend="torch", progress=False).fit(support)
+    normal = patch_scorers._normal_bank(normal_bank, knn, support)
+    anomalous = AnomalousBankScorer().fit(torch.randn(10, 24, generator=generator).abs(), normal)
+    queries = torch.randn(3, 24, 6, 6, generator=generator).abs()
+    shared = patch_scorers._shared_search({"knn": knn, "anomalous_bank": anomalous}, queries)
+    assert bool(shared) == (normal_bank == "coreset")
+    outputs = score_patch_features({"knn": knn, "anomalous_bank": anomalous}, queries, 12, 1.0)
+    alone = {
+        "knn": score_patch_features({"knn": knn}, queries, 12, 1.0)["knn"],
+        "anomalous_bank": score_patch_features({"anomalous_bank": anomalous}, queries, 12, 1.0)["anomalous_bank"],
+    }
+    for name in ("knn", "anomalous_bank"):
+        np.testing.assert_allclose(outputs[name]["pred_score"], alone[name]["pred_score"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(outputs[name]["anomaly_map"], alone[name]["anomaly_map"], rtol=1e-5, atol=1e-6)
+    if shared:
+        _, raw = knn.patch_scores_and_raw_distances(queries)
+        flat = queries.permute(0, 2, 3, 1).reshape(-1, 24)
+        np.testing.assert_allclose(raw.reshape(-1), torch.cdist(flat, normal).amin(dim=1), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -188,8 +189,23 @@ class AnomalousBankScorer:
             return distances.amin(dim=1)
         return torch.topk(distances, k, dim=1, largest=False).values.mean(dim=1)
 
-    def patch_scores(self, features: Tensor) -> Tensor:
-        """``(N, D, h, w)`` → ``(N, h, w)`` scores ``sigmoid((d_n − d_a) / T)`` in (0, 1)."""
+    def measures_normal_distance_to(self, bank: np.ndarray | Tensor) -> bool:
+        """Whether ``d_n`` is the nearest-neighbour distance to exactly ``bank`` (the kNN scorer's
+        raw coreset by default), so a search over that bank can supply it (``normal_distance``)."""
+        _, normal_bank = self._require_fitted()
+        other = torch.as_tensor(bank)
+        return (
+            self.num_neighbors == 1
+            and tuple(other.shape) == tuple(normal_bank.shape)
+            and torch.equal(other.to(normal_bank.device, torch.float32), normal_bank)
+        )
+
+    def patch_scores(self, features: Tensor, normal_distance: Tensor | None = None) -> Tensor:
+        """``(N, D, h, w)`` → ``(N, h, w)`` scores ``sigmoid((d_n − d_a) / T)`` in (0, 1).
+
+        ``normal_distance``: ``d_n`` ``(N, h, w)`` when a search over the same normal bank
+        already found it (:meth:`measures_normal_distance_to`); else it is searched here.
+        """
         anomalous_bank, normal_bank = self._require_fitted()
         if features.dim() != 4:
             raise ValueError(f"expected (N, D, h, w) features, got {tuple(features.shape)}")
@@ -200,14 +216,22 @@ class AnomalousBankScorer:
         anomalous_bank = anomalous_bank.to(device)
         normal_bank = normal_bank.to(device)
         queries = features.detach().to(torch.float32).permute(0, 2, 3, 1).reshape(-1, dim)
+        known_normal = None
+        if normal_distance is not None:
+            if tuple(normal_distance.shape) != (num, height, width):
+                raise ValueError(f"normal_distance must be {(num, height, width)}, got {tuple(normal_distance.shape)}")
+            known_normal = normal_distance.to(device, torch.float32).reshape(-1)
         scores = torch.empty(queries.shape[0], dtype=torch.float32, device=device)
         starts = range(0, queries.shape[0], self.chunk_size)
         for start in tqdm(starts, desc="Anomalous bank", unit="chunk", disable=not self.progress):
             chunk = queries[start : start + self.chunk_size]
-            normal_distance = self._knn_distance(chunk, normal_bank)
+            if known_normal is None:
+                chunk_normal = self._knn_distance(chunk, normal_bank)
+            else:
+                chunk_normal = known_normal[start : start + chunk.shape[0]]
             anomalous_distance = self._knn_distance(chunk, anomalous_bank)
             scores[start : start + chunk.shape[0]] = torch.sigmoid(
-                (normal_distance - anomalous_distance) / self.temperature
+                (chunk_normal - anomalous_distance) / self.temperature
             )
         return scores.reshape(num, height, width)
 

@@ -579,6 +579,46 @@ class MemoryBankScorer:
         distances, _ = index.search(self._to_search_space(self._flatten(features)), k=1)
         return distances[:, 0].reshape(count, height, width)
 
+    def patch_scores_and_raw_distances(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`patch_scores` and each patch's L2 distance to its nearest raw bank vector, (N, h, w) each.
+
+        The anomalous bank's normal distance ``d_n`` is the second (its normal bank is this
+        scorer's coreset as raw vectors). With the cosine distance the two searches differ only
+        in how they read the same inner products ``q·b``: one matrix product per query chunk
+        serves both (the nearest by ``q·b/‖b‖``, and by ``‖b‖² − 2q·b``), where two searches
+        computed it twice; together they were a third of the default run's test scoring. Both
+        distances are then recomputed directly for the neighbour found, as the index's
+        ``exact_distances`` does. With the Euclidean distance they are one and the same; a faiss
+        bank is searched twice.
+        """
+        index = self._require_fitted(features)
+        assert self.index is not None
+        count, _, height, width = features.shape
+        if self.distance == "euclidean":
+            scores = self.patch_scores(features)
+            return scores, scores
+        queries = self._flatten(features)
+        if self.index.kind != "torch" or index.kind != "torch":
+            raw, _ = self.index.search(queries, k=1)
+            return self.patch_scores(features), raw[:, 0].reshape(count, height, width)
+        raw_bank, raw_sq_norms = self.index._bank_on_device()
+        unit_bank, _ = index._bank_on_device()
+        inverse_norms = raw_sq_norms.clamp_min(1e-24).rsqrt()
+        chunk = max(1, self.index.max_chunk_elements // self.index.size)
+        scores = torch.empty(queries.shape[0])
+        raw_distances = torch.empty(queries.shape[0])
+        starts = range(0, queries.shape[0], chunk)
+        for start in tqdm(starts, desc="kNN (torch, shared)", disable=not self.progress, leave=False):
+            block = queries[start : start + chunk].to(raw_bank.device)
+            inner = block @ raw_bank.T
+            nearest_unit = (inner * inverse_norms).argmax(dim=1)  # largest cosine
+            nearest_raw = inner.mul_(-2.0).add_(raw_sq_norms).argmin(dim=1)  # smallest ‖q‖² + ‖b‖² − 2q·b
+            stop = start + block.shape[0]
+            unit_block = F.normalize(block, dim=1)
+            scores[start:stop] = (unit_block - unit_bank[nearest_unit]).pow(2).sum(dim=1).sqrt().cpu()
+            raw_distances[start:stop] = (block - raw_bank[nearest_raw]).pow(2).sum(dim=1).sqrt().cpu()
+        return scores.reshape(count, height, width), raw_distances.reshape(count, height, width)
+
     def image_scores(self, features: Tensor, patch_scores: Tensor | None = None) -> Tensor:
         """Image scores (N,): re-weighted maximum or top-fraction mean (see the class docstring)."""
         index = self._require_fitted(features)

@@ -132,6 +132,17 @@ def _write_rows(target: dict[str, dict[str, np.ndarray]], outputs: dict, rows: n
         slot["pred_score"][rows] = out["pred_score"]
 
 
+def _shared_search(scorers: dict[str, Any], features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Patch scores of the kNN scorer and the anomalous bank from one search when the bank's
+    normal distance is measured against the kNN coreset (the default, ``normal_bank: coreset``);
+    empty otherwise, and each scorer searches on its own."""
+    knn, anomalous = scorers.get("knn"), scorers.get("anomalous_bank")
+    if knn is None or anomalous is None or not anomalous.measures_normal_distance_to(knn.bank):
+        return {}
+    knn_scores, normal_distance = knn.patch_scores_and_raw_distances(features)
+    return {"knn": knn_scores, "anomalous_bank": anomalous.patch_scores(features, normal_distance=normal_distance)}
+
+
 def score_patch_features(
     scorers: dict[str, Any], features: torch.Tensor, image_size: int | tuple[int, int], sigma: float
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -139,8 +150,9 @@ def score_patch_features(
     size = as_hw(image_size)
     outputs = {}
     with torch.inference_mode():
+        patch_scores = _shared_search(scorers, features)
         for name, scorer in scorers.items():
-            patch = scorer.patch_scores(features)
+            patch = patch_scores[name] if name in patch_scores else scorer.patch_scores(features)
             maps = patch_scores_to_map(patch.float(), size, sigma)
             outputs[name] = {
                 "anomaly_map": maps.cpu().numpy().astype(np.float32),
