@@ -11,6 +11,7 @@ from fsad_pipeline.scoring.fusion import (
     fit_fusion,
     fusion_summary,
     select_weights,
+    weak_scorers,
 )
 
 SIZE = 8
@@ -399,3 +400,33 @@ def test_a_validation_made_from_unseen_good_images_compares_its_defects_with_the
     assert fitted.validation["scorers"]["good"]["selection_auroc"] > 0.95
     assert fitted.score_weights == {"good": 1.0, "noise": 0.0}
     assert fitted.stats["good"].score_loc == pytest.approx(np.median(good[unseen]))
+
+
+def test_the_ensemble_takes_a_weak_scorer_only_into_a_mix_that_beats_the_best_single_one():
+    vectors, monte_carlo = candidate_weights(3, 0, seed=0)  # a, b, c, ab, ac, bc, abc
+    separations = np.zeros(len(vectors))
+    # juice_bottle at k = 1: kNN (a) 0.896 alone, DFD (b) and the bank (c) far below; every mix
+    # within the standard error of kNN but none above it -> kNN alone.
+    juice = np.array([0.896, 0.646, 0.635, 0.880, 0.878, 0.70, 0.890])
+    chosen, reason = select_weights(vectors, monte_carlo, juice, separations, 0.049, "ensemble")
+    assert chosen == 0 and "best single scorer (0.8960)" in reason
+    assert weak_scorers(vectors, monte_carlo, juice, 0.049)[0].tolist() == [False, True, True]
+    # KolektorSDD: DFD (a) best alone, the other two weak, but all three together above it -> all three.
+    kolektor = np.array([0.723, 0.648, 0.650, 0.70, 0.71, 0.69, 0.738])
+    assert select_weights(vectors, monte_carlo, kolektor, separations, 0.05, "ensemble")[0] == 6
+    # No weak scorer: the near tie keeps every scorer, as before.
+    close = np.array([0.826, 0.823, 0.80, 0.828, 0.81, 0.81, 0.82])
+    assert select_weights(vectors, monte_carlo, close, separations, 0.05, "ensemble")[0] == 6
+    # simplest is unchanged by the rule.
+    assert select_weights(vectors, monte_carlo, juice, separations, 0.005, "simplest")[0] == 0
+
+
+def test_the_search_record_lists_every_subset_objective():
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 20 + [1] * 20)
+    outputs = {"noise": _outputs(rng.standard_normal(40)), "good": _outputs(labels + 0.5 * rng.standard_normal(40))}
+    fitted = fit_fusion(outputs, labels, n_trials=5, seed=0, score_preference="ensemble")
+    subsets = fitted.search["scores"]["subsets"]
+    assert [entry["scorers"] for entry in subsets] == [["noise"], ["good"], ["noise", "good"]]
+    good = fitted.validation["scorers"]["good"]["selection_auroc"]
+    assert subsets[1]["objective"] == pytest.approx(good)
