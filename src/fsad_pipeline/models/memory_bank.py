@@ -252,7 +252,8 @@ class NearestNeighbourIndex:
         distances_t[torch.from_numpy(indices) < 0] = float("inf")
         return distances_t, torch.from_numpy(indices)
 
-    def _bank_on_device(self) -> tuple[Tensor, Tensor]:
+    def bank_on_device(self) -> tuple[Tensor, Tensor]:
+        """The bank as a tensor on the search device and its rows' squared norms (cached)."""
         if self._bank_tensor is None:
             assert self.bank is not None
             self._bank_tensor = torch.from_numpy(self.bank).to(self.device)
@@ -261,7 +262,7 @@ class NearestNeighbourIndex:
         return self._bank_tensor, self._bank_sq_norms
 
     def _search_torch(self, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
-        bank, bank_sq = self._bank_on_device()
+        bank, bank_sq = self.bank_on_device()
         chunk = max(1, self.max_chunk_elements // self.size)
         distance_chunks, index_chunks = [], []
         starts = range(0, queries.shape[0], chunk)
@@ -601,8 +602,8 @@ class MemoryBankScorer:
         if self.index.kind != "torch" or index.kind != "torch":
             raw, _ = self.index.search(queries, k=1)
             return self.patch_scores(features), raw[:, 0].reshape(count, height, width)
-        raw_bank, raw_sq_norms = self.index._bank_on_device()
-        unit_bank, _ = index._bank_on_device()
+        raw_bank, raw_sq_norms = self.index.bank_on_device()
+        unit_bank, _ = index.bank_on_device()
         inverse_norms = raw_sq_norms.clamp_min(1e-24).rsqrt()
         chunk = max(1, self.index.max_chunk_elements // self.index.size)
         scores = torch.empty(queries.shape[0])
