@@ -92,8 +92,9 @@ def patch_scores_to_map(
     (equal to float rounding, tested), computed as ``A_h · S · A_wᵀ``: bilinear upsampling and
     the separable Gaussian are both linear and act on each axis apart, so each axis collapses
     into one ``(H, h)`` matrix. Two small matrix products instead of an interpolation and two
-    one-channel convolutions over the full-size maps: 30x faster on 32 maps of 256² from a
-    32² grid on 2 CPU cores (0.14 s → 0.004 s), where it was 6 % of the test scoring's time.
+    one-channel convolutions over the full-size maps: 28x faster on 32 maps of 256² from a
+    32² grid on 2 CPU cores (paired, under load: 0.39 s → 0.014 s; README, speed section), where
+    it was 6 % of the test scoring's time.
     """
     if scores.dim() != 3:
         raise ValueError(f"expected (B, h, w) scores, got shape {tuple(scores.shape)}")
