@@ -13,6 +13,7 @@ from fsad_pipeline.models.backbones import (
     available_backbones,
     build_backbone,
     build_imagenet_classifier,
+    fold_conv_batch_norms,
     get_backbone_spec,
 )
 
@@ -142,3 +143,74 @@ def test_weights_path_torch_file_without_head(tmp_path):
     backbone = build_backbone("resnet18", weights_path=path)
     for key, value in backbone.model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def _with_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.copy_(torch.randn(channels, generator=generator))
+            module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(channels, generator=generator))
+            module.bias.data.copy_(torch.randn(channels, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_folded_batch_norms_give_the_same_features(name):
+    backbone = build_backbone(name, pretrained=False)
+    _with_running_statistics(backbone.model)
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    x = backbone.normalize(torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
+    with torch.inference_mode():
+        before = backbone(x)
+    assert backbone.fold_batch_norms() == batch_norms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert all(not p.requires_grad for p in backbone.parameters())
+    with torch.inference_mode():
+        after = backbone(x)
+    for expected, actual in zip(before, after, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_folding_keeps_the_activation_of_a_timm_batchnorm_act():
+    timm_layers = pytest.importorskip("timm.layers")
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                timm_layers.BatchNormAct2d(4, act_layer=torch.nn.ReLU6))
+    _with_running_statistics(block)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 4
+    with torch.no_grad():
+        before = block(x)
+        assert fold_conv_batch_norms(block) == 1
+        after = block(x)
+    assert isinstance(block[1], torch.nn.ReLU6)
+    assert float(before.max()) <= 6.0 and float(before.min()) >= 0.0
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+class _BatchNormRegisteredBeforeUse(torch.nn.Module):
+    """A conv then a BatchNorm in registration order, but the BatchNorm runs first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return [self.conv(self.bn(x))]
+
+
+def test_folding_that_would_change_the_features_is_undone(caplog):
+    model = _with_running_statistics(_BatchNormRegisteredBeforeUse())
+    backbone = FeatureBackbone(model, name="odd", channels=[3], strides=[1], mean=(0.0,) * 3, std=(1.0,) * 3)
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = backbone(x)[0]
+    with caplog.at_level("WARNING"):
+        assert backbone.fold_batch_norms() == 0
+    assert "kept the unfolded network" in caplog.text
+    assert isinstance(backbone.model.bn, torch.nn.BatchNorm2d)
+    with torch.inference_mode():
+        assert torch.equal(backbone(x)[0], before)

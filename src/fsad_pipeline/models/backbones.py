@@ -204,6 +204,43 @@ class FeatureBackbone(nn.Module):
         """Ignore ``mode``: the backbone is frozen and BatchNorm must keep its statistics."""
         return super().train(False)
 
+    def fold_batch_norms(self) -> int:
+        """Fold every eval-mode BatchNorm into the convolution before it, for inference only.
+
+        ``conv → BN`` is one affine map: ``w' = w·γ/√(σ²+ε)``, ``b' = β + (b − μ)·γ/√(σ²+ε)``.
+        The BatchNorm is replaced by what followed it inside the module (timm's
+        ``BatchNormAct2d`` keeps its activation), so the network does one pass over each
+        feature map less per convolution: EfficientNet-Lite0 at 256² ran 20.5 → 13.5 ms per
+        image on 2 CPU cores (README, speed section), features equal to float rounding.
+
+        Pairs are a ``Conv2d`` and the ``BatchNorm2d`` registered right after it in the same
+        parent (timm's EfficientNet and ResNet blocks, registered encoders). That is an
+        assumption about forward order, so the folded network is checked against the original
+        on a probe batch and the original is kept (with a warning) when they differ. Returns the
+        number of BatchNorms folded. Not for a backbone that is going to be trained (base training
+        builds its own).
+        """
+        original = copy.deepcopy(self.model)
+        folded = fold_conv_batch_norms(self.model)
+        if folded == 0:
+            return 0
+        generator = torch.Generator().manual_seed(0)
+        size = 2 * max(self.strides, default=1)
+        parameter = next(original.parameters())
+        probe = torch.rand(2, 3, size, size, generator=generator).to(parameter.device, parameter.dtype)
+        if self.channels_last:
+            probe = probe.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            reference, candidate = list(original(probe)), list(self.model(probe))
+        for expected, actual in zip(reference, candidate, strict=True):
+            tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+            if expected.shape != actual.shape or float((expected - actual).abs().max()) > tolerance:
+                logger.warning("Backbone %s: folding BatchNorm changed the features; kept the unfolded network",
+                               self.name)
+                self.model = original
+                return 0
+        return folded
+
     def normalize(self, x01: Tensor) -> Tensor:
         """Normalise a float RGB batch (B,3,H,W) in [0, 1] for this backbone."""
         mean = self._mean.to(dtype=x01.dtype, device=x01.device)
@@ -215,6 +252,43 @@ class FeatureBackbone(nn.Module):
         if self.channels_last:
             x_normalized = x_normalized.contiguous(memory_format=torch.channels_last)
         return list(self.model(x_normalized))
+
+
+def fold_conv_batch_norms(model: nn.Module) -> int:
+    """Fold each eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it (in place).
+
+    The BatchNorm becomes what it applied after normalising (timm ``BatchNormAct2d``: its
+    dropout and activation), or an ``Identity``. Returns how many were folded. Callers check the
+    result (:meth:`FeatureBackbone.fold_batch_norms`): registration order is taken as forward order.
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.running_mean is not None
+                and bn.running_var is not None
+                and conv.out_channels == bn.num_features
+            ):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                shift = -bn.running_mean * scale
+                if bn.affine:
+                    scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+                bias = shift if conv.bias is None else shift + conv.bias * scale
+                weight = conv.weight * scale.view(-1, 1, 1, 1)
+                if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+            conv.weight = nn.Parameter(weight, requires_grad=False)
+            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+            after = [m for m in after if not isinstance(m, nn.Identity)]
+            setattr(parent, bn_name, after[0] if len(after) == 1 else nn.Sequential(*after) if after else nn.Identity())
+            folded += 1
+    return folded
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,6 +639,7 @@ __all__: list[str] = [
     "available_backbones",
     "build_backbone",
     "build_imagenet_classifier",
+    "fold_conv_batch_norms",
     "get_backbone_spec",
 ]
 

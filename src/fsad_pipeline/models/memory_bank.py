@@ -95,7 +95,7 @@ class NearestNeighbourIndex:
         use_gpu: bool = True,
         device: str | torch.device = "cpu",
         query_batch_size: int = 16_384,
-        max_chunk_elements: int = 1 << 25,
+        max_chunk_elements: int = 1 << 22,
         exact_distances: bool = True,
         seed: int = 0,
         progress: bool = False,
@@ -111,6 +111,9 @@ class NearestNeighbourIndex:
             device: device of the torch backend (``"auto"`` = CUDA when available).
             query_batch_size: queries per faiss call (one progress-bar step each).
             max_chunk_elements: torch backend: query chunk × bank size limit of one distance block.
+                2^22 floats (16 MiB) stay in the L3 cache of this project's CPU while the block is
+                read four more times (argmax, argmin, scaling): the shared search of a 5.3k bank ran
+                1.2x faster than with 2^25 (README, speed section).
             exact_distances: recompute the returned distances directly (see class docstring).
             seed: seed of the IVF k-means.
             progress: show a tqdm bar over query batches.
