@@ -8,6 +8,7 @@ import pytest
 
 from fsad_pipeline.benchmark.__main__ import main
 from fsad_pipeline.benchmark.suite import (
+    keep_run,
     ranking,
     run_parameters,
     spearman,
@@ -138,3 +139,18 @@ def test_the_deployed_threshold_is_checked_against_the_target_false_alarm_rate()
     assert far_check(RUNS[:1])["met"] is None  # a run without the record
     table = suite_markdown(tire)
     assert "| tire | 2 | target_fpr | 0.090 | 0.050 | 0.250 | 25 | yes |" in table
+
+
+def test_a_kept_run_holds_every_output_but_the_raw_images(tmp_path):
+    project = tmp_path / "textile"
+    for relative, text in {"01_raw/textile/a.png": "raw", "06_models/fusion.json": "{}",
+                           "08_reporting/metrics.json": "{\"image_auroc\": 0.8}", "05_model_input/01_raw/x": "nested"}.items():
+        path = project / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    kept = keep_run(project, tmp_path / "runs" / "textile_k2_seed0")
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "05_model_input/01_raw/x", "06_models/fusion.json", "08_reporting/metrics.json"]
+    (project / "data" / "06_models" / "fusion.json").write_text('{"changed": true}')
+    kept = keep_run(project, tmp_path / "runs" / "textile_k2_seed0")  # kept again: replaced, not merged
+    assert (kept / "06_models" / "fusion.json").read_text() == '{"changed": true}'

@@ -58,7 +58,7 @@ def _suite(args: argparse.Namespace) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = run_suite(datasets, args.ks, args.seeds, workdir=scratch, out=args.out,
-                     extra_params=args.params, env_name=args.env)
+                     extra_params=args.params, env_name=args.env, keep_runs=args.keep_runs)
     print(suite_markdown(runs))
     return 0
 
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="suite: only these datasets (textile, kolektorsdd, grid, juice_bottle, metal_plate, tire)")
     parser.add_argument("--shared-data", type=Path, default=default_shared_data(),
                         help="suite: the folder holding kolektorsdd/ and base_categories/")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="suite: keep every run's outputs under <workdir>/runs/ (for re-fits without training)")
     parser.add_argument("--speed", action="store_true",
                         help="the project once per (k, seed) on --dataset, then anomalib's PatchCore side by side")
     parser.add_argument("--dataset", default="textile",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,25 @@ def write_suite(out: Path, runs: list[dict], settings: dict[str, Any]) -> None:
     (out / "suite.md").write_text(suite_markdown(runs))
 
 
+#: Where ``keep_runs`` puts each run's outputs, under the suite's workdir.
+KEPT_RUNS = "runs"
+
+
+def keep_run(project: Path, destination: Path) -> Path:
+    """Copy a finished run's ``data/`` into ``destination/data``, all but the raw images (``01_raw``).
+
+    The next run of the same dataset reuses ``project``; a kept copy is what lets a later change
+    be measured on every seed without training again: copy it back into a project and run
+    ``kedro run --pipelines=dfd --from-nodes=fit_score_fusion`` there (README, benchmark section).
+    """
+    target = Path(destination) / "data"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(Path(project) / "data", target, ignore=lambda folder, names: [n for n in names if n == "01_raw"]
+                    if Path(folder) == Path(project) / "data" else [])
+    return target
+
+
 def run_suite(
     datasets: list[SuiteDataset],
     ks: list[int],
@@ -361,11 +381,14 @@ def run_suite(
     out: Path,
     extra_params: str = "",
     env_name: str | None = None,
+    keep_runs: bool = False,
 ) -> list[dict]:
     """Every dataset x k x seed through :func:`suite_run`; the files are rewritten after each run.
 
     Each dataset runs in its own scratch project ``workdir/<dataset>``, so the last run of every
-    dataset stays there to be inspected or re-run from a node (``kedro run --from-nodes``)."""
+    dataset stays there to be inspected or re-run from a node (``kedro run --from-nodes``);
+    ``keep_runs`` also copies every run's outputs to ``workdir/runs/<dataset>_k<k>_seed<seed>``
+    (:func:`keep_run`; 0.1-0.6 GB each)."""
     runs: list[dict] = []
     settings = {"datasets": [d.name for d in datasets], "ks": ks, "seeds": seeds, "params": extra_params, "env": env_name}
     for dataset in datasets:
@@ -379,6 +402,8 @@ def run_suite(
                 record = suite_run(project, dataset, k, seed, extra_params=extra_params, env_name=env_name,
                                    log_path=out / f"suite_{dataset.name}_k{k}_seed{seed}.log")
                 runs.append(record)
+                if keep_runs:
+                    keep_run(project, Path(workdir) / KEPT_RUNS / f"{dataset.name}_k{k}_seed{seed}")
                 print(f"[suite] {dataset.name} k={k} seed={seed}: fused image AUROC {_fmt(record[FUSED]['image_auroc'])}, "
                       f"plain {_fmt(record[PLAIN]['image_auroc'])}, wall {record['wall_seconds']:.0f} s", flush=True)
                 write_suite(out, runs, settings)
