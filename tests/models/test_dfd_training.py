@@ -259,29 +259,6 @@ def test_patience_stops_when_validation_stops_improving() -> None:
     assert [r["early_stop"] for r in result.history] == [False, False, False, True]
 
 
-def test_no_early_stop_before_the_minimum_number_of_meta_epochs() -> None:
-    # The same criterion as above: patience 2 alone ends after meta-epoch 3, a floor of 5
-    # meta-epochs runs through the dip; meta-epoch 4 then beats meta-epoch 1, and training ends after
-    # 6 meta-epochs only because that is all there are.
-    scores = [0.5, 0.9, 0.8, 0.7, 0.95, 0.94]
-    calls = iter(scores)
-    result = train_dfd(
-        _train_features(), _config(meta_epochs=6, patience=2, min_meta_epochs=5), validation=_validation(),
-        progress=False, score_fn=lambda *_: next(calls),
-    )
-    assert len(result.history) == 6 and result.best_meta_epoch == 4
-    assert not any(r["early_stop"] for r in result.history)
-    # With the floor reached and no better score for `patience` meta-epochs, it stops.
-    calls = iter([0.5, 0.9, 0.8, 0.7, 0.6, 0.99])
-    result = train_dfd(
-        _train_features(), _config(meta_epochs=6, patience=2, min_meta_epochs=5), validation=_validation(),
-        progress=False, score_fn=lambda *_: next(calls),
-    )
-    assert len(result.history) == 5 and result.best_meta_epoch == 1
-    with pytest.raises(ValueError, match="min_meta_epochs"):
-        _config(min_meta_epochs=0)
-
-
 def test_without_patience_every_meta_epoch_runs() -> None:
     calls = iter([0.9, 0.5, 0.4])
     result = train_dfd(

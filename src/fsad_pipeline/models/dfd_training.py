@@ -93,10 +93,6 @@ class DFDTrainConfig:
             selection score (``None``: always run all ``meta_epochs``, as the reference does).
             The cosine schedule keeps its full length, so a run that does not stop early is
             the same with or without it.
-        min_meta_epochs: never stop early before this many meta-epochs have run. The validation
-            score dips in the first meta-epochs while the discriminators find their footing
-            (textile: 1.465, 1.428, 1.463, then up to 1.582 at meta-epoch 4), so a short patience
-            needs this floor to not stop in the dip.
         precision: ``fp32`` (the reference), ``bf16`` or ``auto``: the adaptor and the Perlin
             discriminator run under bfloat16 autocast (``auto``: only where the chip does
             bfloat16 natively; :mod:`fsad_pipeline.models.precision`). Parameters, optimiser
@@ -132,7 +128,6 @@ class DFDTrainConfig:
     scoring_batch_size: int = 32
     gaussian_token_fraction: float = 1.0
     patience: int | None = None
-    min_meta_epochs: int = 1
     precision: str = "fp32"
     seed: int = 0
 
@@ -150,8 +145,6 @@ class DFDTrainConfig:
             raise ValueError(f"gaussian_token_fraction must be in (0, 1], got {self.gaussian_token_fraction}")
         if self.patience is not None and self.patience < 1:
             raise ValueError("patience must be >= 1 (or None: no early stopping)")
-        if self.min_meta_epochs < 1:
-            raise ValueError(f"min_meta_epochs must be >= 1, got {self.min_meta_epochs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -630,8 +623,7 @@ def train_dfd(
     epoch. After every meta-epoch the fused validation map is scored (stats from the validation
     maps themselves) and the model with the highest ``score_fn(outputs, labels, masks)``
     (default: image AUROC + pixel AUROC) is kept; with ``config.patience`` training stops once
-    that many meta-epochs in a row bring no better score (and at least ``config.min_meta_epochs``
-    have run). Without validation, or when the criterion is
+    that many meta-epochs in a row bring no better score. Without validation, or when the criterion is
     undefined (single-class validation set), the last meta-epoch is kept and the statistics come
     from the validation maps or, without validation, from the normal training features.
     """
@@ -723,9 +715,7 @@ def train_dfd(
                     best_state, best_stats = _state_copy(model), stats
                     best_weights = (map_weights, score_weights)
                 record["early_stop"] = (
-                    config.patience is not None
-                    and meta_epoch + 1 >= config.min_meta_epochs
-                    and meta_epoch - best_meta_epoch >= config.patience
+                    config.patience is not None and meta_epoch - best_meta_epoch >= config.patience
                 )
             elif best_state is None:
                 # Undefined criterion (single-class validation set): fall back to the last
