@@ -367,8 +367,14 @@ def keep_run(project: Path, destination: Path) -> Path:
     target = Path(destination) / "data"
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(Path(project) / "data", target, ignore=lambda folder, names: [n for n in names if n == "01_raw"]
-                    if Path(folder) == Path(project) / "data" else [])
+    target.mkdir(parents=True)
+    for entry in (Path(project) / "data").iterdir():
+        if entry.name == "01_raw":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target / entry.name)
+        else:
+            shutil.copy2(entry, target / entry.name)
     return target
 
 

@@ -220,10 +220,10 @@ class FeatureBackbone(nn.Module):
         number of BatchNorms folded. Not for a backbone that is going to be trained (base training
         builds its own).
         """
+        if not _conv_batch_norm_pairs(self.model):
+            return 0  # nothing to fold (ViTs, folded already): no copy of the network
         original = copy.deepcopy(self.model)
         folded = fold_conv_batch_norms(self.model)
-        if folded == 0:
-            return 0
         generator = torch.Generator().manual_seed(0)
         size = 2 * max(self.strides, default=1)
         parameter = next(original.parameters())
@@ -254,6 +254,24 @@ class FeatureBackbone(nn.Module):
         return list(self.model(x_normalized))
 
 
+def _conv_batch_norm_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Conv2d, str, nn.BatchNorm2d]]:
+    """(parent, conv, BatchNorm name, BatchNorm) for each ``BatchNorm2d`` with running statistics
+    registered right after a ``Conv2d`` of matching width in the same parent."""
+    pairs = []
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.running_mean is not None
+                and bn.running_var is not None
+                and conv.out_channels == bn.num_features
+            ):
+                pairs.append((parent, conv, bn_name, bn))
+    return pairs
+
+
 def fold_conv_batch_norms(model: nn.Module) -> int:
     """Fold each eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it (in place).
 
@@ -261,34 +279,26 @@ def fold_conv_batch_norms(model: nn.Module) -> int:
     dropout and activation), or an ``Identity``. Returns how many were folded. Callers check the
     result (:meth:`FeatureBackbone.fold_batch_norms`): registration order is taken as forward order.
     """
-    folded = 0
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-            if not (
-                isinstance(conv, nn.Conv2d)
-                and isinstance(bn, nn.BatchNorm2d)
-                and bn.running_mean is not None
-                and bn.running_var is not None
-                and conv.out_channels == bn.num_features
-            ):
-                continue
-            with torch.no_grad():
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                shift = -bn.running_mean * scale
-                if bn.affine:
-                    scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-                bias = shift if conv.bias is None else shift + conv.bias * scale
-                weight = conv.weight * scale.view(-1, 1, 1, 1)
-                if conv.weight.is_contiguous(memory_format=torch.channels_last):
-                    weight = weight.contiguous(memory_format=torch.channels_last)
-            conv.weight = nn.Parameter(weight, requires_grad=False)
-            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
-            after = [m for m in after if not isinstance(m, nn.Identity)]
-            setattr(parent, bn_name, after[0] if len(after) == 1 else nn.Sequential(*after) if after else nn.Identity())
-            folded += 1
-    return folded
+    pairs = _conv_batch_norm_pairs(model)
+    for parent, conv, bn_name, bn in pairs:
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            bias = shift if conv.bias is None else shift + conv.bias * scale
+            weight = conv.weight * scale.view(-1, 1, 1, 1)
+            if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                weight = weight.contiguous(memory_format=torch.channels_last)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                 if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+        if not after:
+            setattr(parent, bn_name, nn.Identity())
+        else:
+            setattr(parent, bn_name, after[0] if len(after) == 1 else nn.Sequential(*after))
+    return len(pairs)
 
 
 # --------------------------------------------------------------------------------------------
