@@ -430,3 +430,63 @@ def test_the_search_record_lists_every_subset_objective():
     assert [entry["scorers"] for entry in subsets] == [["noise"], ["good"], ["noise", "good"]]
     good = fitted.validation["scorers"]["good"]["selection_auroc"]
     assert subsets[1]["objective"] == pytest.approx(good)
+
+
+def _specialist_case(seed: int, bank_on_real: float) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """20 unseen good images, 40 pseudo-anomalies and 6 views of labelled defects. ``general``
+    separates both kinds of defect from the normals; ``bank`` (a specialist) is at chance on the
+    pseudo-anomalies and scores the labelled views at ``bank_on_real``."""
+    rng = np.random.default_rng(seed)
+    n_unseen, n_synthetic, n_real = 20, 40, 6
+    labels = np.r_[np.zeros(n_unseen, int), np.ones(n_synthetic + n_real, int)]
+    unseen = labels == 0
+    real = np.r_[np.zeros(n_unseen + n_synthetic, bool), np.ones(n_real, bool)]
+    general = np.r_[rng.normal(0, 1, n_unseen), rng.normal(2.0, 1, n_synthetic), rng.normal(2.5, 1, n_real)]
+    bank = np.r_[rng.normal(0, 1, n_unseen), rng.normal(0, 1, n_synthetic), rng.normal(bank_on_real, 0.3, n_real)]
+    return {"general": _outputs(general), "bank": _outputs(bank)}, labels, real, unseen
+
+
+def test_a_specialist_is_judged_on_the_labelled_defect_views_alone():
+    """A specialist at chance on the pseudo-anomalies but perfect on the labelled defect views
+    stays out of a search over the whole validation (mixed in, it dilutes the general scorer's
+    separation of the pseudo-anomalies) and joins, with an equal share, when it is judged on
+    those views only: there it is better than the general scorer."""
+    outputs, labels, real, unseen = _specialist_case(3, bank_on_real=5.0)
+    options = dict(n_trials=0, seed=0, real=real, unseen=unseen, score_preference="ensemble")
+    whole = fit_fusion(outputs, labels, **options)
+    assert whole.score_weights == {"general": 1.0, "bank": 0.0}
+    fitted = fit_fusion(outputs, labels, specialists=["bank"], **options)
+    assert fitted.score_weights == {"general": 0.5, "bank": 0.5}
+    record = fitted.search["scores"]["specialists"]
+    assert record["admitted"] == ["bank"]
+    assert record["scorers"]["bank"]["auroc_labelled_views"] == 1.0
+    assert record["mix_auroc_labelled_views"] < 0.95
+    # the subsets searched were the general scorers' only
+    assert all("bank" not in subset["scorers"] for subset in fitted.search["scores"]["subsets"])
+
+
+def test_a_specialist_that_does_not_recognise_the_labelled_defects_stays_out():
+    outputs, labels, real, unseen = _specialist_case(1, bank_on_real=-2.0)
+    fitted = fit_fusion(outputs, labels, n_trials=0, seed=0, real=real, unseen=unseen, specialists=["bank"])
+    assert fitted.score_weights == {"general": 1.0, "bank": 0.0}
+    assert fitted.search["scores"]["specialists"]["admitted"] == []
+    assert fitted.search["scores"]["specialists"]["scorers"]["bank"]["admitted"] is False
+
+
+def test_without_labelled_defect_views_a_specialist_gets_no_image_weight():
+    outputs, labels, real, unseen = _specialist_case(2, bank_on_real=5.0)
+    keep = ~real
+    outputs = {n: {k: v[keep] for k, v in o.items()} for n, o in outputs.items()}
+    fitted = fit_fusion(outputs, labels[keep], n_trials=0, seed=0, unseen=unseen[keep], specialists=["bank"])
+    assert fitted.score_weights == {"general": 1.0, "bank": 0.0}
+    assert fitted.search["scores"]["specialists"]["reason"].startswith("no labelled defect views")
+
+
+def test_a_specialist_stays_out_where_the_mix_already_recognises_every_labelled_view():
+    """The general scorer ranks every labelled view above every good image (AUROC 1, standard
+    error 0): a perfect specialist cannot show what it would add, and stays out."""
+    outputs, labels, real, unseen = _specialist_case(0, bank_on_real=5.0)
+    fitted = fit_fusion(outputs, labels, n_trials=0, seed=0, real=real, unseen=unseen, specialists=["bank"])
+    record = fitted.search["scores"]["specialists"]
+    assert record["mix_auroc_labelled_views"] == 1.0 and record["scorers"]["bank"]["auroc_labelled_views"] == 1.0
+    assert fitted.score_weights == {"general": 1.0, "bank": 0.0}

@@ -30,7 +30,9 @@ ends up on one scorer: the one that separates the anomalies farthest from the no
 scores may instead prefer the *ensemble* (``score_preference: ensemble``, the project default):
 every candidate within the validation's standard error of the best is eligible and the one with
 the most scorers wins, except that a scorer clearly worse alone joins only a mix that does at
-least as well as the best single scorer (:func:`select_weights`).
+least as well as the best single scorer (:func:`select_weights`). A *specialist* (the anomalous
+bank, built for the labelled defect types only) is left out of that search and joins the chosen
+mix when the labelled defect views say it recognises them (:func:`admit_specialists`).
 
 Every choice is recorded (``search``) with the per-scorer and fused validation AUROCs
 (``validation``) so fusion.json and metrics.json say what was chosen and why. Fusion records
@@ -468,6 +470,77 @@ def _search(
     return weights, record
 
 
+def _candidates(names: list[str], n_trials: int, seed: int, in_sample: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`candidate_weights` over ``names``, less the candidates that rest only on in-sample
+    scorers: a validation whose normals a scorer was fitted on cannot certify that scorer alone."""
+    vectors, monte_carlo = candidate_weights(len(names), n_trials, seed)
+    held_out = [i for i, n in enumerate(names) if n not in set(in_sample)]
+    if held_out and len(held_out) < len(names):
+        keep = (vectors[:, held_out] > 0).any(axis=1)
+        vectors, monte_carlo = vectors[keep], monte_carlo[keep]
+    return vectors, monte_carlo
+
+
+def admit_specialists(
+    weights: Mapping[str, float],
+    specialists: Sequence[str],
+    names: list[str],
+    normalised: np.ndarray,
+    kinds: np.ndarray,
+) -> tuple[dict[str, float], dict]:
+    """The image-score weights with each *specialist* added where the labelled defects say so.
+
+    A specialist (the anomalous bank) recognises the defect types it was shown and nothing else:
+    on pseudo-anomalies it sits at chance by construction (validation AUROC 0.50 to 0.60 on every
+    real set), so judged on the whole validation it looks weak and stayed out even where it was
+    the best scorer on the test (KolektorSDD k = 2 seed 1: bank alone 0.954, the chosen dfd + knn
+    0.734). It is judged instead on what it is built for: the views of the labelled defects
+    against the unseen normals (:func:`_parts`). It joins when its AUROC there is above the
+    chosen mix's less that AUROC's standard error (the noise margin of the ensemble preference);
+    the joined scorers then share the weight equally (each general weight scaled by m / (m + s)
+    for m general and s admitted scorers). Where the mix already ranks every labelled view above
+    every good image (AUROC 1, standard error 0) nothing is above that and the specialist stays
+    out: the validation cannot show what it would add (metal_plate k = 2 seed 1: the bank joined
+    kNN at 1.000 against 1.000 and the test fell from 1.000 to 0.978). Without real defect views
+    a specialist gets weight 0.
+    ``normalised`` (len(names), N) are the validation image scores, ``kinds`` the row kinds.
+    """
+    weights = {n: float(weights.get(n, 0.0)) for n in names}
+    negatives = dict(_parts(kinds)).get(REAL)
+    if negatives is None:
+        for name in specialists:
+            weights[name] = 0.0
+        logger.info("fusion: no labelled defect views in the validation; %s left out of the image score", list(specialists))
+        return weights, {"reason": "no labelled defect views in the validation", "admitted": []}
+    real = kinds == REAL
+
+    def labelled_auroc(values: np.ndarray) -> float:
+        return sorted_auroc(np.sort(values[real]), np.sort(values[negatives]))
+
+    mix = labelled_auroc(np.asarray([weights[n] for n in names]) @ normalised)
+    tolerance = auroc_standard_error(mix, int(real.sum()), int(negatives.sum()))
+    record: dict = {"mix_auroc_labelled_views": _finite(mix), "tolerance": _finite(tolerance), "scorers": {}, "admitted": []}
+    for name in specialists:
+        own = labelled_auroc(normalised[names.index(name)])
+        admitted = math.isfinite(own) and math.isfinite(mix) and own > mix - (tolerance if math.isfinite(tolerance) else 0.0)
+        record["scorers"][name] = {"auroc_labelled_views": _finite(own), "admitted": bool(admitted)}
+        if admitted:
+            record["admitted"].append(name)
+        weights[name] = 0.0
+    general = sum(1 for n in names if weights[n] > 0)
+    if record["admitted"]:
+        share = general / (general + len(record["admitted"]))
+        weights = {n: w * share for n, w in weights.items()}
+        for name in record["admitted"]:
+            weights[name] = 1.0 / (general + len(record["admitted"]))
+    record["reason"] = (
+        f"specialists {record['admitted'] or 'none'} admitted: AUROC on the labelled defect views above the "
+        f"mix's {mix:.4f} less its standard error {tolerance:.4f}"
+    )
+    logger.info("fusion score weights with specialists %s: %s", weights, record["reason"])
+    return weights, record
+
+
 def objective_standard_error(objective: float, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
     """Sampling noise of an objective (the mean of its parts' AUROCs): each part's Hanley-McNeil
     standard error at that AUROC and its own counts, combined as for a mean of independent parts."""
@@ -506,6 +579,7 @@ def fit_fusion(
     in_sample: Sequence[str] = (),
     real: np.ndarray | None = None,
     unseen: np.ndarray | None = None,
+    specialists: Sequence[str] = (),
 ) -> Fusion:
     """Normalisation per scorer plus separate score and map weights, all from validation outputs.
 
@@ -523,7 +597,10 @@ def fit_fusion(
     normal rows that are good images the scorers were never fitted on, scored by the fitted
     scorers as test images are: when there are any, they set the normalisation (they are what a
     good test image looks like to each scorer) and are the negatives of the real-defect part
-    (:func:`_parts`).
+    (:func:`_parts`). ``specialists`` name the scorers built for the labelled defect types only
+    (the anomalous bank): their image-score weight is decided on the real defect views alone
+    (:func:`admit_specialists`), not in the search over the whole validation; their maps are
+    weighed with the others'.
     """
     names = list(validation_outputs)
     if not names:
@@ -596,15 +673,24 @@ def fit_fusion(
         record = {"method": "equal", "reason": reason}
         fusion = Fusion(stats, dict(equal), dict(equal), {"scores": record, "maps": dict(record)}, validation)
     else:
-        vectors, monte_carlo = candidate_weights(len(names), int(n_trials), int(seed))
-        held_out = [i for i, n in enumerate(names) if n not in set(in_sample)]
-        if held_out and len(held_out) < len(names):
-            # A validation whose normals a scorer was fitted on cannot certify that scorer alone.
-            keep = (vectors[:, held_out] > 0).any(axis=1)
-            vectors, monte_carlo = vectors[keep], monte_carlo[keep]
-        score_weights, score_record = _search(
-            names, scores, kinds, vectors, monte_carlo, float(min_gain), "score", prefer=score_preference
+        vectors, monte_carlo = _candidates(names, int(n_trials), int(seed), in_sample)
+        # Image scores: the general scorers are weighed on the whole validation; a specialist
+        # (built for the labelled defect types only) then joins on the views of those defects.
+        general = [n for n in names if n not in set(specialists)] or names
+        rows = [names.index(n) for n in general]
+        general_vectors, general_monte_carlo = (
+            (vectors, monte_carlo) if len(general) == len(names)
+            else _candidates(general, int(n_trials), int(seed), in_sample)
         )
+        general_weights, score_record = _search(
+            general, scores[rows], kinds, general_vectors, general_monte_carlo, float(min_gain), "score",
+            prefer=score_preference,
+        )
+        score_weights = {n: general_weights.get(n, 0.0) for n in names}
+        if len(general) < len(names):
+            score_weights, score_record["specialists"] = admit_specialists(
+                score_weights, [n for n in names if n not in general], names, scores, kinds
+            )
         if has_pixels:
             map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
         else:
