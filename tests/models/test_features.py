@@ -159,3 +159,31 @@ def test_select_device():
     assert select_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert select_device("auto").type == expected
+
+
+def test_a_bfloat16_feature_pass_returns_float32_features_close_to_the_float32_ones(monkeypatch):
+    """``precision: bf16`` runs backbone and aggregator under bfloat16 autocast (auto does so only
+    where the chip is native: forced here), and hands back float32 features within bfloat16's
+    rounding of the float32 pass; a float32 extractor's output is unchanged."""
+    from fsad_pipeline.models import precision as precision_module
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", pretrained=False)
+    exact = PatchFeatureExtractor(backbone, pretrain_dim=96, target_dim=64)
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: True)
+    fast = PatchFeatureExtractor(backbone, pretrain_dim=96, target_dim=64, precision="auto")
+    images = torch.rand(2, 3, SMALL, SMALL)
+    with torch.inference_mode():
+        reference, features = exact(images), fast(images)
+    assert features.dtype == torch.float32 and features.shape == reference.shape
+    assert not torch.equal(features, reference)  # it did run in bfloat16
+    relative = (features - reference).abs().mean() / reference.abs().mean()
+    assert relative < 0.05
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: False)
+    with torch.inference_mode():
+        assert torch.equal(fast(images), reference)  # auto without native bfloat16: float32
+
+
+def test_an_unknown_feature_precision_fails_when_the_extractor_is_built():
+    with pytest.raises(ValueError, match="precision"):
+        PatchFeatureExtractor(build_backbone("resnet18", pretrained=False), pretrain_dim=96, target_dim=64, precision="fp16")

@@ -84,6 +84,7 @@ class FeatureConfig:
     batch_size: int = 16
     out_indices: list[int] | None = None  # backbone stages / ViT blocks; None: the backbone's default
     input_size: int | None = None  # ViT backbones: internal resolution; None: the backbone's default
+    precision: str = "fp32"  # fp32 | bf16 | auto: bfloat16 autocast of the feature pass (models.precision)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
@@ -98,7 +99,8 @@ class FeatureConfig:
             input_size=None if self.input_size is None else int(self.input_size),
         )
         return PatchFeatureExtractor(
-            backbone, patch_size=self.patch_size, pretrain_dim=self.pretrain_dim, target_dim=self.target_dim
+            backbone, patch_size=self.patch_size, pretrain_dim=self.pretrain_dim, target_dim=self.target_dim,
+            precision=self.precision,
         )
 
 
