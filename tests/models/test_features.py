@@ -184,6 +184,17 @@ def test_a_bfloat16_feature_pass_returns_float32_features_close_to_the_float32_o
         assert torch.equal(fast(images), reference)  # auto without native bfloat16: float32
 
 
+def test_a_float32_extractor_stays_float32_inside_a_callers_bfloat16_autocast():
+    torch.manual_seed(0)
+    extractor = PatchFeatureExtractor(build_backbone("resnet18", pretrained=False), pretrain_dim=96, target_dim=64)
+    images = torch.rand(2, 3, SMALL, SMALL)
+    with torch.inference_mode():
+        reference = extractor(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = extractor(images)
+    assert inside.dtype == torch.float32 and torch.equal(inside, reference)
+
+
 def test_an_unknown_feature_precision_fails_when_the_extractor_is_built():
     with pytest.raises(ValueError, match="precision"):
         PatchFeatureExtractor(build_backbone("resnet18", pretrained=False), pretrain_dim=96, target_dim=64, precision="fp16")

@@ -32,6 +32,19 @@ def test_a_chip_without_bf16_instructions_is_not_native(monkeypatch: pytest.Monk
     assert precision.native_bf16("cpu")
 
 
+@pytest.mark.parametrize(("capability", "native"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_a_cuda_device_is_native_from_ampere_on_even_where_torch_would_emulate(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], native: bool
+) -> None:
+    """A T4 (7.5) reports bf16 "supported" through emulation, slower than float32: not native."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability)
+    assert precision.native_bf16("cuda:1") is native
+    assert asked == [1]  # the device asked about, not the current one
+
+
 def test_autocast_runs_matmuls_in_the_dtype_and_none_in_float32() -> None:
     weights, inputs = torch.randn(8, 8), torch.randn(4, 8)
     with autocast(torch.bfloat16, "cpu"):

@@ -490,3 +490,25 @@ def test_a_specialist_stays_out_where_the_mix_already_recognises_every_labelled_
     record = fitted.search["scores"]["specialists"]
     assert record["mix_auroc_labelled_views"] == 1.0 and record["scorers"]["bank"]["auroc_labelled_views"] == 1.0
     assert fitted.score_weights == {"general": 1.0, "bank": 0.0}
+
+
+def test_a_specialist_named_by_a_bare_string_is_one_name_and_without_pixels_its_map_has_a_share():
+    """``--params fusion.specialists=anomalous_bank`` arrives as a string: it names one scorer (not
+    its letters). Left out of the image score, the specialist's map still counts: without
+    validation pixels the maps take the general weights with the specialist at an equal share."""
+    outputs, labels, real, unseen = _specialist_case(1, bank_on_real=-2.0)
+    options = dict(n_trials=0, seed=0, real=real, unseen=unseen)
+    as_list = fit_fusion(outputs, labels, specialists=["bank"], **options)
+    as_string = fit_fusion(outputs, labels, specialists="bank", **options)
+    assert as_string.score_weights == as_list.score_weights == {"general": 1.0, "bank": 0.0}
+    assert as_string.map_weights == as_list.map_weights == {"general": 0.5, "bank": 0.5}
+    assert as_string.search["scores"]["specialists"]["scorers"]["bank"]["admitted"] is False
+
+
+def test_with_equal_shares_scales_the_weighted_scorers_and_adds_the_joining_ones():
+    from fsad_pipeline.scoring.fusion import with_equal_shares
+
+    assert with_equal_shares({"a": 0.75, "b": 0.25, "c": 0.0, "s": 0.0}, ["s"]) == pytest.approx(
+        {"a": 0.5, "b": 1 / 6, "c": 0.0, "s": 1 / 3}
+    )
+    assert with_equal_shares({"a": 1.0, "s": 0.0}, []) == {"a": 1.0, "s": 0.0}

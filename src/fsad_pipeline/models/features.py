@@ -360,9 +360,7 @@ class PatchFeatureExtractor(nn.Module):
 
     def _features(self, images01: Tensor) -> Tensor:
         dtype = resolve_precision(self.precision, images01.device)
-        if dtype is None:
-            return self.aggregator(self.backbone(self.backbone.normalize(images01)))
-        with autocast(dtype, images01.device):
+        with autocast(dtype, images01.device):  # None: float32 even inside a caller's autocast
             features = self.aggregator(self.backbone(self.backbone.normalize(images01)))
         return features.float()
 

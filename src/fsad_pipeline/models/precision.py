@@ -1,12 +1,15 @@
-"""Compute precision of DFD training: float32, or bfloat16 autocast where the chip does it natively.
+"""Compute precision: float32, or bfloat16 autocast where the chip does it natively.
 
-A DFD training step is matrix products over 1024 patch tokens (the adaptor, the Perlin
-discriminator's ViT block): on a CPU with AVX512-BF16 or AMX, oneDNN runs them in bfloat16 at
-about twice the float32 rate. :func:`resolve_precision` turns the ``precision`` setting into the
-dtype autocast uses (``None`` = float32): ``auto`` takes bfloat16 only where it is native
-(AVX512-BF16 / AMX on a CPU, a CUDA device that reports bf16 support), because elsewhere torch
-emulates it and it is slower than float32. Parameters, optimiser state, losses and the
-Gaussian discriminator's noise stay float32 (mixed precision, not a bfloat16 model).
+Used by DFD training (``dfd.precision``) and by the frozen backbones' feature passes
+(``features.precision``, ``memory_bank.features.precision``). A DFD training step is matrix
+products over 1024 patch tokens (the adaptor, the Perlin discriminator's ViT block), a feature
+pass convolutions: on a CPU with AVX512-BF16 or AMX, oneDNN runs both in bfloat16 at about twice
+the float32 rate. :func:`resolve_precision` turns the ``precision`` setting into the dtype
+autocast uses (``None`` = float32): ``auto`` takes bfloat16 only where it is native (AVX512-BF16
+/ AMX on a CPU, a CUDA device of compute capability 8 or more), because elsewhere torch emulates
+it and it is slower than float32. In training, parameters, optimiser state, losses and the
+Gaussian discriminator's noise stay float32 (mixed precision, not a bfloat16 model); features
+come out float32.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ def native_bf16(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products in hardware."""
     device = torch.device(device)
     if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        # Not torch.cuda.is_bf16_supported(): it also says yes where bfloat16 is only emulated
+        # (pre-Ampere cards such as the T4 or V100), which is slower than float32.
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 8
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

@@ -502,7 +502,9 @@ def admit_specialists(
     every good image (AUROC 1, standard error 0) nothing is above that and the specialist stays
     out: the validation cannot show what it would add (metal_plate k = 2 seed 1: the bank joined
     kNN at 1.000 against 1.000 and the test fell from 1.000 to 0.978). Without real defect views
-    a specialist gets weight 0.
+    a specialist gets weight 0. The standard error counts each view as a positive, though the
+    views of one defect are correlated (k_defect_shots defects, several views each): the margin
+    is narrower than the true noise, which leans towards leaving a specialist out.
     ``normalised`` (len(names), N) are the validation image scores, ``kinds`` the row kinds.
     """
     weights = {n: float(weights.get(n, 0.0)) for n in names}
@@ -527,18 +529,27 @@ def admit_specialists(
         if admitted:
             record["admitted"].append(name)
         weights[name] = 0.0
-    general = sum(1 for n in names if weights[n] > 0)
-    if record["admitted"]:
-        share = general / (general + len(record["admitted"]))
-        weights = {n: w * share for n, w in weights.items()}
-        for name in record["admitted"]:
-            weights[name] = 1.0 / (general + len(record["admitted"]))
+    weights = with_equal_shares(weights, record["admitted"])
     record["reason"] = (
         f"specialists {record['admitted'] or 'none'} admitted: AUROC on the labelled defect views above the "
         f"mix's {mix:.4f} less its standard error {tolerance:.4f}"
     )
     logger.info("fusion score weights with specialists %s: %s", weights, record["reason"])
     return weights, record
+
+
+def with_equal_shares(weights: Mapping[str, float], joining: Sequence[str]) -> dict[str, float]:
+    """``weights`` with the ``joining`` scorers added at an equal share: with m scorers weighted
+    today and s joining, each weight is scaled by m / (m + s) and each joining scorer gets
+    1 / (m + s)."""
+    weights = {n: float(w) for n, w in weights.items()}
+    if not joining:
+        return weights
+    general = sum(1 for n, w in weights.items() if w > 0 and n not in joining)
+    weights = {n: (0.0 if n in joining else w * general / (general + len(joining))) for n, w in weights.items()}
+    for name in joining:
+        weights[name] = 1.0 / (general + len(joining))
+    return weights
 
 
 def objective_standard_error(objective: float, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
@@ -600,11 +611,18 @@ def fit_fusion(
     (:func:`_parts`). ``specialists`` name the scorers built for the labelled defect types only
     (the anomalous bank): their image-score weight is decided on the real defect views alone
     (:func:`admit_specialists`), not in the search over the whole validation; their maps are
-    weighed with the others'.
+    weighed with the others' (without validation pixels the maps take the general scorers'
+    image-score weights with every specialist at an equal share). With the search off, or a
+    validation of one class, every scorer, specialists included, gets an equal share of both.
     """
     names = list(validation_outputs)
     if not names:
         raise ValueError("no scorer outputs to fuse")
+    # A bare string (--params fusion.specialists=anomalous_bank) is one name, not its letters.
+    specialists = [specialists] if isinstance(specialists, str) else list(specialists or ())
+    unknown = [n for n in specialists if n not in names]
+    if unknown:
+        logger.warning("fusion: specialists %s are not among the fitted scorers %s; ignored", unknown, names)
     labels = np.asarray(labels).astype(int)
     normal = labels == 0
     real = np.zeros(len(labels), bool) if real is None else np.asarray(real, dtype=bool) & (labels == 1)
@@ -677,6 +695,11 @@ def fit_fusion(
         # Image scores: the general scorers are weighed on the whole validation; a specialist
         # (built for the labelled defect types only) then joins on the views of those defects.
         general = [n for n in names if n not in set(specialists)] or names
+        if any(n in in_sample for n in names) and all(n in in_sample for n in general):
+            logger.warning(
+                "fusion: every general scorer %s is in-sample; with the specialists apart no candidate "
+                "rests on a held-out scorer", general,
+            )
         rows = [names.index(n) for n in general]
         general_vectors, general_monte_carlo = (
             (vectors, monte_carlo) if len(general) == len(names)
@@ -694,8 +717,14 @@ def fit_fusion(
         if has_pixels:
             map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
         else:
-            map_weights = dict(score_weights)
-            map_record = {"method": "follow_scores", "reason": "no validation pixels with a known defect mask"}
+            map_weights = with_equal_shares(
+                {n: general_weights.get(n, 0.0) for n in names}, [n for n in names if n not in general]
+            )
+            map_record = {
+                "method": "follow_scores",
+                "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
+                "weights, every specialist at an equal share",
+            }
         fusion = Fusion(stats, score_weights, map_weights, {"scores": score_record, "maps": map_record}, validation)
 
     fused_scores = np.asarray([fusion.score_weights[n] for n in names]) @ scores
