@@ -101,3 +101,28 @@ def test_reference_for_run_reads_a_finished_run_and_evaluates_on_its_test_images
     assert result["image_auroc_per_defect_type"]["spot"] == pytest.approx(1.0)
     assert result["pixel_auroc"] > 0.9 and result["aupro"] is not None
     assert "accuracy_at_threshold" not in result  # the reference has no threshold
+
+
+def test_reference_pixel_metrics_are_taken_at_each_images_own_size(tmp_path, datasets):
+    """As the pipeline's evaluation: the masks at the image's own size (40 x 60 here), the maps
+    (at the 8 x 12 working size) upsampled to them, not the masks shrunk to the maps."""
+    import cv2
+
+    from fsad_pipeline.benchmark.reference import evaluate_reference
+    from fsad_pipeline.evaluation.metrics import rank_auroc
+
+    height, width = 40, 60
+    mask = np.zeros((height, width), np.uint8)
+    mask[10:13, 20:50] = 255  # a 3-px line: thinner than one working-size cell (5 px)
+    datasets.write_image(tmp_path / "good.png", np.full((height, width, 3), 128, np.uint8))
+    datasets.write_image(tmp_path / "bad.png", np.full((height, width, 3), 128, np.uint8))
+    datasets.write_image(tmp_path / "mask.png", mask)
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 8, 12)).astype(np.float32)
+    maps[1, 2, 4:10] += 0.5
+    test = pd.DataFrame({"path": [str(tmp_path / "good.png"), str(tmp_path / "bad.png")], "gt_label": [0, 1],
+                         "defect_type": ["good", "line"], "mask_path": ["", str(tmp_path / "mask.png")]})
+    result = evaluate_reference(test, {"anomaly_map": maps, "pred_score": np.array([0.0, 1.0])}, 0.3)
+    native = np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR) for m in maps])
+    labels = np.stack([np.zeros_like(mask), mask]) > 0
+    assert result["pixel_auroc"] == pytest.approx(rank_auroc(labels.ravel(), native.ravel()), abs=1e-9)

@@ -78,6 +78,20 @@ def test_target_check_compares_fused_with_the_best_single_scorer_and_plain():
     assert above_scorers["bar"] == pytest.approx(0.895) and above_scorers["met"] is False
 
 
+def test_a_scorer_missing_from_a_seed_is_left_out_of_the_bar_and_its_cell_says_so():
+    """knn scored only seed 0 (0.97): a mean over one seed against the fused mean over three is no
+    comparison, so the bar rests on the scorers every seed has, and the table shows n."""
+    group = [
+        _record("x", 2, 0, 0.90, {"dfd": 0.88, "knn": 0.97}, 0.80),
+        _record("x", 2, 1, 0.90, {"dfd": 0.86}, 0.80),
+        _record("x", 2, 2, 0.90, {"dfd": 0.87}, 0.80),
+    ]
+    check = target_check(group)
+    assert check["incomplete"] == ["knn"] and check["best_scorer"] == "dfd"
+    assert check["bar"] == pytest.approx(0.87 - 0.005) and check["met"] is True
+    assert "0.970 ± 0.000 (n = 1)" in suite_markdown(group)
+
+
 def test_cost_table_reports_the_run_and_the_reference_seconds():
     assert "| tire | 2 | 100.0 | 50.0 | 4.0 | 1.5 | 2.0 |" in suite_markdown(RUNS)
 
@@ -154,3 +168,24 @@ def test_a_kept_run_holds_every_output_but_the_raw_images(tmp_path):
     (project / "data" / "06_models" / "fusion.json").write_text('{"changed": true}')
     kept = keep_run(project, tmp_path / "runs" / "textile_k2_seed0")  # kept again: replaced, not merged
     assert (kept / "06_models" / "fusion.json").read_text() == '{"changed": true}'
+
+
+def test_a_failed_run_is_listed_and_the_suite_goes_on_with_todays_conf(tmp_path, monkeypatch):
+    """One kedro run failing (an hour into a suite) must not lose the others; a reused workdir
+    gets the project's conf again instead of keeping a stale copy."""
+    from fsad_pipeline.benchmark import suite
+
+    def fake_run(project, dataset, k, seed, **kwargs):
+        if seed == 1:
+            raise RuntimeError("kedro run failed (seed=1); see the log\nTraceback ...")
+        return _record(dataset.name, k, seed, 0.9, {"dfd": 0.8}, 0.7)
+
+    monkeypatch.setattr(suite, "suite_run", fake_run)
+    stale = tmp_path / "work" / "x" / "conf" / "base"
+    stale.mkdir(parents=True)
+    (stale / "parameters_stale.yml").write_text("k_shot: 99\n")
+    runs = suite.run_suite([suite.SuiteDataset("x")], [2], [0, 1, 2], workdir=tmp_path / "work", out=tmp_path / "out")
+    assert [r["seed"] for r in runs] == [0, 2]
+    written = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert [(f["seed"], f["error"]) for f in written["settings"]["failed"]] == [(1, "kedro run failed (seed=1); see the log")]
+    assert not (stale / "parameters_stale.yml").exists() and (stale / "parameters.yml").is_file()

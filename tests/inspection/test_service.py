@@ -195,6 +195,34 @@ def test_hot_reload_swaps_in_a_new_champion_and_refuses_a_broken_one(tmp_path, t
         assert client.post("/inspect", content=image, headers={"content-type": "image/png"}).json()["model_version"] == "v0002"
 
 
+def test_a_promotion_during_the_first_load_is_picked_up_by_the_next_refresh(tmp_path, tiny_model_parts):
+    """The holder remembers what it loaded, not what the link says after loading: a champion
+    promoted while the first one loads is swapped in at the next refresh, not missed for good."""
+    root = tmp_path / "models"
+    store = ModelStore(root)
+    store.promote(_export(tiny_model_parts, tmp_path / "a"), {"reason": "first"})
+
+    def load_while_promoting(path, expect, device="cpu"):
+        bundle = load_bundle(path, expect, device=device)
+        store.promote(_export(tiny_model_parts, tmp_path / "b", threshold_shift=1.0), {"reason": "during the load"})
+        return bundle
+
+    holder = ModelHolder(root / "champion", loader=load_while_promoting)
+    assert holder.current.version == "v0001"
+    holder._loader = None  # the next load is a plain one
+    assert holder.refresh() and holder.current.version == "v0002"
+
+
+def test_a_bundle_is_read_from_one_version_even_when_the_link_flips_after_the_check(tmp_path, tiny_model_parts):
+    root = tmp_path / "models"
+    store = ModelStore(root)
+    store.promote(_export(tiny_model_parts, tmp_path / "a"), {"reason": "first"})
+    bundle = load_bundle(root / "champion", device="cpu")
+    store.promote(_export(tiny_model_parts, tmp_path / "b", threshold_shift=1.0), {"reason": "second"})
+    assert bundle.root == (root / "versions" / "v0001").resolve() or bundle.root.name == "v0001"
+    assert bundle.promotion["version"] == "v0001"  # read from the version loaded, not the link
+
+
 def test_the_poller_reloads_by_itself(tmp_path, tiny_model_parts):
     root = tmp_path / "models"
     store = ModelStore(root)

@@ -18,9 +18,10 @@ What is timed (in a child process, so that its peak RSS is its own):
   (reading + resizing included, as the project's scoring figure does) under ``torch.inference_mode``;
 * ``setup_seconds`` (importing anomalib, building the model, loading the weights) is reported apart.
 
-Image AUROC (``pred_score`` against ``gt_label``) and pixel AUROC (anomaly maps against the masks
-at the working size, pixels > 0 positive, good images all-zero, defect images without a mask left
-out) use the project's own metric functions (:mod:`fsad_pipeline.evaluation.metrics`), so both
+Image AUROC (``pred_score`` against ``gt_label``) and pixel AUROC (anomaly maps upsampled to the
+masks at each image's own size, long side capped at ``evaluation.pixel_max_side``'s default, as the
+pipeline's evaluation does; pixels > 0 positive, good images all-zero, defect images without a
+mask left out) use the project's own metric functions (:mod:`fsad_pipeline.evaluation.metrics`), so both
 sides are scored identically; pixel AUROC is None where no test image has a mask (textile).
 
     python -m fsad_pipeline.benchmark.peer --run-dir <finished run folder> [--out-dir <folder>]
@@ -48,6 +49,7 @@ import pandas as pd
 
 from fsad_pipeline.benchmark.runs import run_once, run_watched
 from fsad_pipeline.data.geometry import as_hw
+from fsad_pipeline.data.sampling import DEFAULT_PIXEL_MAX_SIDE
 
 #: The line printed when anomalib cannot be imported.
 ANOMALIB_MISSING = '[peer] anomalib is not installed (pip install -e ".[compare]"): PatchCore comparison skipped'
@@ -90,6 +92,7 @@ def job_from_run(
     out_indices: Sequence[int] | None = None,
     batch_size: int = BATCH_SIZE,
     max_pixels: int | None = None,
+    pixel_max_side: int | None = DEFAULT_PIXEL_MAX_SIDE,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The peer's job from a finished ``dfd`` run in ``run_dir`` (a project folder).
@@ -128,6 +131,7 @@ def job_from_run(
         "num_neighbors": NUM_NEIGHBORS,
         "batch_size": int(batch_size),
         "max_pixels": max_pixels,
+        "pixel_max_side": pixel_max_side,
         "seed": int(seed),
     }
 
@@ -190,15 +194,19 @@ def patchcore_peer(
     num_neighbors: int = NUM_NEIGHBORS,
     batch_size: int = BATCH_SIZE,
     max_pixels: int | None = None,
+    pixel_max_side: int | None = DEFAULT_PIXEL_MAX_SIDE,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit anomalib's PatchCore on ``supports`` and score ``test`` (dicts with path, gt_label and
-    mask_path, "" for none) at ``image_size`` (H, W); returns timings, bank size and AUROCs."""
+    mask_path, "" for none) at ``image_size`` (H, W); returns timings, bank size and AUROCs (the
+    pixel AUROC at each image's own resolution, long side capped at ``pixel_max_side``, as the
+    pipeline measures its own maps)."""
     setup_started = time.perf_counter()
     import anomalib
     import torch
 
-    from fsad_pipeline.data.sampling import load_gt_masks
+    from fsad_pipeline.data.geometry import ResizedMaps
+    from fsad_pipeline.data.sampling import load_native_gt_masks
     from fsad_pipeline.evaluation.metrics import image_auroc, pixel_auroc
 
     size = as_hw(image_size)
@@ -231,12 +239,15 @@ def patchcore_peer(
     labels = np.array([int(row["gt_label"]) for row in test], dtype=int)
     pred_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     anomaly_maps = np.concatenate(maps) if maps else np.zeros((0, *size), np.float32)
-    masks, has_mask = load_gt_masks([row.get("mask_path") or "" for row in test], labels.tolist(), size)
+    masks, has_mask = load_native_gt_masks(
+        paths, [row.get("mask_path") or "" for row in test], labels.tolist(), max_side=pixel_max_side
+    )
+    native_maps = ResizedMaps(anomaly_maps, [mask.shape for mask in masks])
     pixel = None
     if (has_mask & (labels == 1)).any():
         rows = np.flatnonzero(has_mask)
-        if masks[rows].any():
-            pixel = _nan_to_none(pixel_auroc([masks[i].astype(bool) for i in rows], [anomaly_maps[i] for i in rows]))
+        if any(masks[i].any() for i in rows):
+            pixel = _nan_to_none(pixel_auroc([masks[i].astype(bool) for i in rows], [native_maps[i] for i in rows]))
     return {
         "anomalib_version": anomalib.__version__,
         "backbone": backbone,
@@ -264,7 +275,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         layers=job.get("layers"), pretrained=bool(job.get("pretrained", True)),
         coreset_ratio=float(job.get("coreset_ratio", CORESET_RATIO)),
         num_neighbors=int(job.get("num_neighbors", NUM_NEIGHBORS)), batch_size=int(job.get("batch_size", BATCH_SIZE)),
-        max_pixels=job.get("max_pixels"), seed=int(job.get("seed", 0)),
+        max_pixels=job.get("max_pixels"), pixel_max_side=job.get("pixel_max_side", DEFAULT_PIXEL_MAX_SIDE),
+        seed=int(job.get("seed", 0)),
     )
 
 

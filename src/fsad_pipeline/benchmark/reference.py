@@ -8,8 +8,9 @@ project's :func:`~fsad_pipeline.models.anomaly_map.patch_scores_to_map` of the n
 distances (upsampling + Gaussian smoothing with ``memory_bank.map_sigma``). Two variants come
 out of one feature extraction (:data:`REFERENCE_VARIANTS`):
 
-* ``plain``: cosine distance (L2-normalised features), image score = mean of the top 1 % patch
-  scores. This is the recipe behind the floor figures measured for the issue
+* ``plain``: cosine distance (L2-normalised features, searched by Euclidean distance, so a patch
+  scores the chord sqrt(2 - 2 cos): the same neighbour and patch order as 1 - cos, on a
+  slightly different scale), image score = mean of the top 1 % patch scores. This is the recipe behind the floor figures measured for the issue
   (../shared/reference/offline_assets.md: Lite0 256 px, k = 2: metal_plate 0.90, juice_bottle
   0.85, kolektorsdd 0.68, tire 0.61, textile ~0.51), and the stronger of the two on most sets.
 * ``plain_max``: Euclidean distance, image score = the map's maximum (the textbook definition).
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fsad_pipeline.data.geometry import as_hw
-from fsad_pipeline.data.sampling import load_gt_masks, load_images
+from fsad_pipeline.data.geometry import ResizedMaps, as_hw
+from fsad_pipeline.data.sampling import DEFAULT_PIXEL_MAX_SIDE, load_images, load_native_gt_masks
 from fsad_pipeline.evaluation.report import evaluate_predictions
 from fsad_pipeline.models.anomaly_map import patch_scores_to_map
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features
@@ -170,16 +171,23 @@ def score_in_chunks(
     }
 
 
-def evaluate_reference(test: pd.DataFrame, output: dict[str, Any], image_size: int | Sequence[int], fpr_limit: float) -> dict:
-    """The project's metrics (image / pixel AUROC, AUPRO, per defect type) of a reference output.
+def evaluate_reference(
+    test: pd.DataFrame, output: dict[str, Any], fpr_limit: float, pixel_max_side: int | None = DEFAULT_PIXEL_MAX_SIDE
+) -> dict:
+    """The project's metrics (image / pixel AUROC, AUPRO, per defect type) of a reference output,
+    the pixel ones at each image's own resolution (long side capped at ``pixel_max_side``), as
+    the pipeline's evaluation measures the fused result and every scorer.
 
-    ``test`` needs ``gt_label``, ``defect_type`` and ``mask_path`` (the run's predictions.csv).
+    ``test`` needs ``path``, ``gt_label``, ``defect_type`` and ``mask_path`` (the run's predictions.csv).
     """
     labels = test["gt_label"].to_numpy().astype(int)
-    masks, has_mask = load_gt_masks(test["mask_path"].fillna("").tolist(), labels.tolist(), as_hw(image_size))
+    masks, has_mask = load_native_gt_masks(
+        test["path"].tolist(), test["mask_path"].fillna("").tolist(), labels.tolist(), max_side=pixel_max_side
+    )
+    maps = ResizedMaps(output["anomaly_map"], [mask.shape for mask in masks])
     # No threshold: pred_label is a placeholder, and the metrics that need it are dropped below.
     frame = test.assign(pred_score=output["pred_score"], pred_label=0)
-    metrics = evaluate_predictions(frame, output["anomaly_map"], masks, has_mask, fpr_limit=float(fpr_limit))
+    metrics = evaluate_predictions(frame, maps, masks, has_mask, fpr_limit=float(fpr_limit))
     return {key: metrics[key] for key in REFERENCE_METRICS if key in metrics}
 
 
@@ -236,6 +244,7 @@ def reference_for_run(
     )
     seconds = time.perf_counter() - started
     limit = float(params["evaluation"]["aupro_fpr_limit"])
+    max_side = params["evaluation"].get("pixel_max_side", DEFAULT_PIXEL_MAX_SIDE)
     common = {"bank_size": reference.bank_size, "k_shot": len(selection["rounds"][0]), "image_size": list(size),
               "backbone": config.backbone, "seconds": seconds, "images_per_second": len(paths) / seconds if seconds else None}
-    return {name: {**evaluate_reference(test, out, size, limit), **common} for name, out in output.items()}
+    return {name: {**evaluate_reference(test, out, limit, max_side), **common} for name, out in output.items()}

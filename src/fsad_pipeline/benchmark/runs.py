@@ -78,8 +78,13 @@ def run_once(workdir: Path, params: str, *, env_name: str | None = None, log_pat
 
 
 def make_workdir(root: Path) -> Path:
-    """A scratch project: pyproject + conf (local overrides included) + an empty src/."""
+    """A scratch project: pyproject + conf (local overrides included) + an empty src/.
+
+    A reused ``root`` gets today's conf (the old copy is replaced): a benchmark must run the
+    parameters the project has now, not those of the last run in that folder."""
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    if (root / "conf").exists():
+        shutil.rmtree(root / "conf")
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf")
     (root / "src").mkdir(exist_ok=True)
     return root

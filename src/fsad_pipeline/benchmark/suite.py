@@ -206,8 +206,13 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return {"mean": _mean(values), "std": float(np.std(values)) if values else None, "n": len(values)}
 
 
-def _cell(values: list[float]) -> str:
-    return "n/a" if not values else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+def _cell(values: list[float], runs: int | None = None) -> str:
+    """Mean ± population standard deviation (ddof 0) over the seeds; ``(n = m)`` where only m of
+    the group's ``runs`` have a value."""
+    if not values:
+        return "n/a"
+    partial = f" (n = {len(values)})" if runs is not None and len(values) < runs else ""
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}{partial}"
 
 
 def _fmt(value: float | None) -> str:
@@ -270,17 +275,30 @@ def ranking(group: list[dict]) -> dict[str, Any]:
 
 def target_check(group: list[dict]) -> dict[str, Any]:
     """Issue 16's target on the means over seeds: fused >= max(best single scorer, plain) - tolerance
-    (plain: the better of the two references)."""
-    means = {n: _mean(_values(group, n, "image_auroc")) for n in _scorer_names(group)}
+    (plain: the better of the two references). A scorer or reference missing from some of the
+    runs the fused mean covers is left out of the bar (a mean over other seeds is no comparison)
+    and named under ``incomplete``."""
+    fused_values = _values(group, FUSED, "image_auroc")
+    fused = _mean(fused_values)
+    incomplete: list[str] = []
+
+    def complete_mean(method: str) -> float | None:
+        values = _values(group, method, "image_auroc")
+        if values and len(values) < len(fused_values):
+            incomplete.append(method)
+            return None
+        return _mean(values)
+
+    means = {n: complete_mean(n) for n in _scorer_names(group)}
     means = {n: v for n, v in means.items() if v is not None}
     best = max(means, key=means.get) if means else None
-    fused = _mean(_values(group, FUSED, "image_auroc"))
-    plains = [v for v in (_mean(_values(group, name, "image_auroc")) for name in REFERENCES) if v is not None]
+    plains = [v for v in (complete_mean(name) for name in REFERENCES) if v is not None]
     plain = max(plains) if plains else None
     bar_values = [v for v in (means.get(best) if best else None, plain) if v is not None]
     bar = max(bar_values) - TARGET_TOLERANCE if bar_values else None
     return {"fused": fused, "best_scorer": best, "best_scorer_image_auroc": means.get(best) if best else None,
-            "plain": plain, "bar": bar, "met": None if fused is None or bar is None else bool(fused >= bar)}
+            "plain": plain, "bar": bar, "met": None if fused is None or bar is None else bool(fused >= bar),
+            "incomplete": incomplete}
 
 
 def summary(runs: list[dict]) -> list[dict]:
@@ -306,7 +324,7 @@ def suite_markdown(runs: list[dict]) -> str:
                   "| method | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
         for method in (FUSED, *_scorer_names(group), *REFERENCES):
             label = REFERENCE_LABELS.get(method, method)
-            lines.append(f"| {label} | " + " | ".join(_cell(_values(group, method, m)) for m in METRICS) + " |")
+            lines.append(f"| {label} | " + " | ".join(_cell(_values(group, method, m), len(group)) for m in METRICS) + " |")
         lines.append("")
     lines += ["## Ranking of the scorers (mean image AUROC over seeds, best first)", "",
               "| dataset | k | by validation | by test | top-1 agree | Spearman |", "|---|---|---|---|---|---|"]
@@ -394,19 +412,28 @@ def run_suite(
     Each dataset runs in its own scratch project ``workdir/<dataset>``, so the last run of every
     dataset stays there to be inspected or re-run from a node (``kedro run --from-nodes``);
     ``keep_runs`` also copies every run's outputs to ``workdir/runs/<dataset>_k<k>_seed<seed>``
-    (:func:`keep_run`; 0.1-0.6 GB each)."""
+    (:func:`keep_run`; 0.1-0.6 GB each). A run that fails is printed, listed under ``failed`` in
+    the settings of suite.json, and the suite goes on with the next one."""
     runs: list[dict] = []
-    settings = {"datasets": [d.name for d in datasets], "ks": ks, "seeds": seeds, "params": extra_params, "env": env_name}
+    failed: list[dict] = []
+    settings = {"datasets": [d.name for d in datasets], "ks": ks, "seeds": seeds, "params": extra_params, "env": env_name,
+                "failed": failed}
     for dataset in datasets:
         project = Path(workdir) / dataset.name
-        if not (project / "conf").exists():
-            project.mkdir(parents=True, exist_ok=True)
-            make_workdir(project)
+        project.mkdir(parents=True, exist_ok=True)
+        make_workdir(project)  # a reused workdir runs today's conf
         for k in ks:
             for seed in seeds:
                 print(f"[suite] {dataset.name} k={k} seed={seed} ...", flush=True)
-                record = suite_run(project, dataset, k, seed, extra_params=extra_params, env_name=env_name,
-                                   log_path=out / f"suite_{dataset.name}_k{k}_seed{seed}.log")
+                log_path = out / f"suite_{dataset.name}_k{k}_seed{seed}.log"
+                try:
+                    record = suite_run(project, dataset, k, seed, extra_params=extra_params, env_name=env_name,
+                                       log_path=log_path)
+                except RuntimeError as error:  # kedro run failed: the other runs still count
+                    print(f"[suite] {dataset.name} k={k} seed={seed}: FAILED ({log_path}); going on", flush=True)
+                    failed.append({"dataset": dataset.name, "k_shot": k, "seed": seed, "error": str(error).splitlines()[0]})
+                    write_suite(out, runs, settings)
+                    continue
                 runs.append(record)
                 if keep_runs:
                     keep_run(project, Path(workdir) / KEPT_RUNS / f"{dataset.name}_k{k}_seed{seed}")

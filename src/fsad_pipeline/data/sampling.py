@@ -111,6 +111,10 @@ def load_gt_masks(
     return masks, has_mask
 
 
+#: The long-side cap of pixel metrics when no ``evaluation.pixel_max_side`` is at hand (its default).
+DEFAULT_PIXEL_MAX_SIDE = 1024
+
+
 def load_native_gt_masks(
     image_paths: Sequence[str],
     mask_paths: Sequence[str],

@@ -126,6 +126,7 @@ class LoadedModel:
     content_hash: str | None
     version: str | None
     loaded_at: str
+    identity: tuple = ()  # what _identity said of the folder loaded, read before loading it
 
     def describe(self) -> dict:
         bundle = self.bundle
@@ -161,7 +162,8 @@ def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., An
     ``expect``, as ``fsad-inspect`` does), with its ensemble ready to score."""
     from fsad_pipeline.model_store.bundle import load_bundle
 
-    path, content_hash, _ = _identity(model_dir)
+    identity = _identity(model_dir)
+    path, content_hash, _ = identity
     bundle = (loader or load_bundle)(path, expect, device=device)
     ensemble = bundle.ensemble()
     for scorer in ensemble.patch_scorers.values():  # no progress bars in a service
@@ -169,7 +171,7 @@ def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., An
             scorer.set_progress(False)
     promotion = bundle.promotion or {}
     return LoadedModel(bundle, ensemble, path, content_hash, promotion.get("version") or path.name,
-                       datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                       datetime.now(timezone.utc).isoformat(timespec="seconds"), identity)
 
 
 class ModelHolder:
@@ -182,7 +184,9 @@ class ModelHolder:
         self.expect = expect
         self._loader = loader
         self._current = load_model(self.model_dir, device=device, loader=loader, expect=expect)
-        self._identity = _identity(self.model_dir)
+        # The identity of what was loaded, not of what the link says now: a promotion landing
+        # during this first load must look like a change to the next refresh().
+        self._identity = self._current.identity
         self._refresh_lock = threading.Lock()
         self.reloads = 0
         self.last_reload_error: str | None = None

@@ -249,7 +249,7 @@ def verify_bundle(directory: str | Path, expect: Mapping[str, Any] | None = None
     Checks the format version, ``expect`` (backbone, image size, config version), that the
     required components are there, and (``check_files``) the size and SHA-256 of every file.
     """
-    directory = Path(directory)
+    directory = Path(directory).resolve()  # one version throughout (see load_bundle)
     manifest = read_manifest(directory)
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
@@ -388,7 +388,9 @@ def load_bundle(
     """Validate (see :func:`verify_bundle`) and load a bundle; refuses with :class:`BundleError`."""
     from fsad_pipeline.models.features import select_device
 
-    directory = Path(directory)
+    # Resolved once: through models/champion every later open could land in another version
+    # (a promotion flips the link), mixing one version's manifest with another's weights.
+    directory = Path(directory).resolve()
     manifest = verify_bundle(directory, expect, check_files=check_files)
     components = manifest["components"]
     torch_device = str(select_device(device))
