@@ -230,7 +230,8 @@ def retrain(
                 decision = decide(record["challenger_metrics"], record["champion_metrics"], tolerance=tolerance)
                 record.update(outcome="promoted" if decision.promote else "rejected", reason=decision.reason)
                 if decision.promote:
-                    entry = store.promote(scratch / "bundle", {"kind": "retrain", **_summary(record)}, move=True)
+                    entry = store.promote(scratch / "bundle", {"kind": "retrain", **_summary(record)}, move=True,
+                                          expect_champion=record["champion"])  # the one compared against
                     record["promoted_version"] = entry.version
                     if newly_frozen:
                         freeze_validation(store_root, validation, source=f"the run promoted as {entry.version} by retraining")

@@ -403,10 +403,13 @@ def test_a_threshold_override_applies_to_verdicts_and_is_reported(store):
         assert model["threshold"] == -1e9 and model["threshold_method"] == "override" and "model_threshold" in model
 
 
-def test_a_batch_that_does_not_fit_the_queue_is_refused_whole(store):
+def test_a_batch_larger_than_the_queue_is_refused_whole_with_413_not_a_retry(store):
+    """Three files never fit a queue of two, however idle: 413 with the limit (a 503 would say
+    "retry shortly", forever); the limit is in /model."""
     settings = ServiceSettings(model_dir=store / "champion", reload_interval=0, queue_size=2)
     with TestClient(create_app(settings)) as client:
         files = [("files", (f"{i}.png", _png(_texture(i)), "image/png")) for i in range(3)]
         response = client.post("/inspect/batch", files=files)
-        assert response.status_code == 503 and "queue is full" in response.json()["detail"]
+        assert response.status_code == 413 and "at most 2 per batch" in response.json()["detail"]
+        assert client.get("/model").json()["limits"]["max_files_per_batch"] == 2
         assert client.post("/inspect/batch", files=files[:2]).status_code == 200

@@ -539,7 +539,8 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
         return {**described, "reloads": holder.reloads, "last_reload_error": holder.last_reload_error,
                 "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                            "queue_size": settings.queue_size, "max_body_bytes": settings.max_body_bytes,
-                           "max_pixels": settings.max_pixels}}
+                           "max_pixels": settings.max_pixels,
+                           "max_files_per_batch": min(settings.max_files, settings.queue_size)}}
 
     @app.post("/inspect")
     async def inspect(request: Request):
@@ -558,6 +559,9 @@ def create_app(settings: ServiceSettings, *, holder: ModelHolder | None = None, 
         heatmap = _wants_heatmap(request)
         batcher.check_room()
         files = await _files_from(request, settings, many=True)
+        if len(files) > settings.queue_size:  # would never fit: "retry shortly" would be a lie
+            raise ServiceError(413, f"{len(files)} files: at most {settings.queue_size} per batch (the queue's size, "
+                                    "queue_size); split the batch or raise queue_size")
         batcher.check_room(len(files))  # the whole batch is queued or refused: no partial 503s
         size = tuple(holder.current.bundle.image_size)
 

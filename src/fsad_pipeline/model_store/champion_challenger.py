@@ -147,6 +147,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: An empty or unreadable lock older than this is a run that died before writing its pid.
+UNREADABLE_LOCK_STALE_SECONDS = 60.0
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 @contextmanager
 def retrain_lock(store_root: str | Path) -> Iterator[Path]:
     """An exclusive lock file (O_EXCL) holding pid and host; a lock left by a dead process is taken over."""
@@ -168,7 +179,13 @@ def retrain_lock(store_root: str | Path) -> Iterator[Path]:
             if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            raise RetrainBusy(f"another retraining run holds {path} ({holder or 'unreadable lock'})") from None
+            if not holder and _age_seconds(path) > UNREADABLE_LOCK_STALE_SECONDS:
+                path.unlink(missing_ok=True)  # stale: a run died between creating the lock and writing it
+                continue
+            raise RetrainBusy(
+                f"another retraining run holds {path} ({holder or 'unreadable lock'}); if no retraining is running "
+                "(a lock from another host or container cannot be checked from here), delete that file"
+            ) from None
     else:
         raise RetrainBusy(f"could not take {path}")
     try:

@@ -78,6 +78,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: ``expect_champion``'s default: promote whatever the champion is.
+ANY_CHAMPION = object()
+
+
 class ModelStore:
     """Champion/challenger primitives: :meth:`promote`, :meth:`current`, :meth:`rollback`, :meth:`history`."""
 
@@ -113,7 +117,10 @@ class ModelStore:
             return None
         version = Path(os.readlink(link)).name
         if not (self.versions_dir / version).is_dir():
-            raise StoreError(f"{link} points to {os.readlink(link)}, which does not exist")
+            raise StoreError(
+                f"{link} points to {os.readlink(link)}, which does not exist: remove {link} (the versions are "
+                "kept), then promote a model or roll back to a version that is there"
+            )
         return version
 
     def _entry(self, path: Path, current: str | None) -> StoreEntry:
@@ -214,19 +221,28 @@ class ModelStore:
         *,
         expect: Mapping[str, Any] | None = None,
         move: bool = False,
+        expect_champion: str | None | object = ANY_CHAMPION,
     ) -> StoreEntry:
         """Make the bundle at ``candidate_dir`` the champion; the previous one stays under its version.
 
         The candidate is verified first (checksums, ``expect``); ``move`` renames it into the store
         instead of copying (for candidates built in a scratch folder on the same filesystem).
         ``decision_record`` (why it was promoted, metrics compared, …) is kept in the version's
-        ``promotion.json``. Any failure leaves the champion as it was.
+        ``promotion.json``. ``expect_champion`` (a version, or None for "no champion yet") is
+        checked under the store's lock: a challenger compared with one champion is not promoted
+        over another that a manual promotion or a rollback put there meanwhile. Any failure
+        leaves the champion as it was.
         """
         candidate = Path(candidate_dir)
         manifest = verify_bundle(candidate, expect)
         with self._lock():
             self._recover()
             previous = self._current_version()
+            if expect_champion is not ANY_CHAMPION and previous != expect_champion:
+                raise StoreError(
+                    f"the champion is {previous or 'none'}, not {expect_champion or 'none'} as this promotion "
+                    "expected (promoted or rolled back meanwhile); not promoted: compare again"
+                )
             number = max((n for n, _ in self._version_dirs()), default=0) + 1
             version = f"v{number:04d}"
             staging = self.versions_dir / f"{_STAGING_PREFIX}{version}-{os.getpid()}"
@@ -331,6 +347,8 @@ def export_and_promote(
     scratch = Path(tempfile.mkdtemp(prefix=".candidate-", dir=store.root))
     try:
         export_bundle(scratch / "bundle", **export_kwargs)
-        return store.promote(scratch / "bundle", decision_record, expect=expect, move=True)
+        # replace_champion False: checked again under the lock (a champion may have landed meanwhile).
+        champion = ANY_CHAMPION if replace_champion else None
+        return store.promote(scratch / "bundle", decision_record, expect=expect, move=True, expect_champion=champion)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
