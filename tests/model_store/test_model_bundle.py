@@ -234,3 +234,52 @@ def test_an_old_bundles_int_image_size_loads_as_a_square(bundle_dir):
     with pytest.raises(BundleMismatchError, match="image_size"):
         verify_bundle(bundle_dir, expect={"image_size": [32, 64]}, check_files=False)
     assert verify_bundle(bundle_dir, expect={"image_size": [32, 32]}, check_files=False)["image_size"] == 32
+
+
+def test_a_registered_encoder_travels_inside_the_bundle(tmp_path, tiny_model_parts, monkeypatch):
+    """A model whose memory-bank features use a registered encoder (base training) scores the
+    same after the registry is gone and from another working directory: the encoder is copied
+    into the bundle and checksummed like every other file."""
+    import dataclasses
+    import os
+    import shutil
+
+    import torch
+
+    from fsad_pipeline.models.registration import EncoderConfig, STNConfig, build_registration_encoder, save_encoder
+    from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+
+    torch.manual_seed(0)
+    encoder, base = build_registration_encoder(EncoderConfig(stn=STNConfig(stages=(1, 2))), pretrained=False)
+    registry = tmp_path / "encoders"
+    save_encoder(registry / "mine", encoder.eval(), name="mine", mean=base.mean, std=base.std, image_size=32,
+                 training={"epochs": 1})
+    monkeypatch.setenv("FSAD_ENCODER_REGISTRY", str(registry))
+    patch = tiny_model_parts["patch_scorers"]
+    registered = PatchScorerSet(dataclasses.replace(patch.features, backbone="registered:mine"), patch.scorers, patch.info)
+    parts = {**tiny_model_parts, "patch_scorers": registered}
+    manifest = export_bundle(tmp_path / "bundle", config_version=1, data_fingerprint="x",
+                             **{k: v for k, v in parts.items() if k != "image_size"})
+    assert manifest["encoders"] == {"registered:mine": "encoders/0"}
+    assert any(name.startswith("encoders/0/") for name in manifest["files"])
+    images = tiny_model_parts["support_images"]
+    before = load_bundle(tmp_path / "bundle", device="cpu").ensemble().score(images)
+
+    shutil.rmtree(registry)  # a later base training, or another machine: the registry is not there
+    monkeypatch.chdir(tmp_path.parent)
+    after = load_bundle(tmp_path / "bundle", device="cpu").ensemble().score(images)
+    np.testing.assert_allclose(after["pred_score"], before["pred_score"], rtol=1e-5, atol=1e-6)
+
+    encoder_file = next(p for p in (tmp_path / "bundle" / "encoders" / "0").rglob("*") if p.is_file())
+    os.chmod(encoder_file, 0o644)
+    encoder_file.write_bytes(encoder_file.read_bytes() + b"x")
+    with pytest.raises(BundleError, match="changed since export"):
+        load_bundle(tmp_path / "bundle", device="cpu")
+
+
+def test_a_manifest_that_names_a_path_outside_the_bundle_is_refused(bundle_dir):
+    manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    manifest["components"]["fusion"] = "../elsewhere/fusion.json"
+    (bundle_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        verify_bundle(bundle_dir)

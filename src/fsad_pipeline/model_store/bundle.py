@@ -46,6 +46,8 @@ PATCH_SCORERS_DIR = "patch_scorers"
 FUSION_FILE = "fusion.json"
 SUPPORT_FILE = "support_images.npy"
 CLASSIFIER_DIR = "classifier"
+#: Registered encoders (base training) a bundle's features use, copied in: ``encoders/<name>``.
+ENCODERS_DIR = "encoders"
 #: Written by the model store into each version's folder after export: the one file besides the
 #: manifest that a bundle may hold without a row in its files table.
 PROMOTION_FILE = "promotion.json"
@@ -154,7 +156,12 @@ def export_bundle(
         kept = {name: scorer for name, scorer in patch_scorers.scorers.items() if name in scorers}
         patch_scorers = PatchScorerSet(patch_scorers.features, kept, patch_scorers.info) if kept else None
     support = np.asarray(support_images)
+    feature_configs = [
+        config for config in (dfd_model.features, getattr(patch_scorers, "features", None), getattr(classifier, "features", None))
+        if config is not None
+    ]
     with atomic_directory(target) as staging:
+        encoders = _copy_registered_encoders(feature_configs, staging)
         dfd_model.save(staging / DFD_DIR)
         if patch_scorers is not None:
             patch_scorers.save(staging / PATCH_SCORERS_DIR)
@@ -184,6 +191,7 @@ def export_bundle(
                 "support_images": SUPPORT_FILE,
                 "classifier": CLASSIFIER_DIR if classifier is not None else None,
             },
+            "encoders": encoders,
             "k_shot": int(len(support)),
             "metrics": dict(metrics or {}),
             "data_fingerprint": data_fingerprint,
@@ -194,6 +202,37 @@ def export_bundle(
         # default=float: metrics may hold numpy scalars.
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=float))
     return manifest
+
+
+def _copy_registered_encoders(configs: list, staging: Path) -> dict[str, str]:
+    """Copy every registered encoder (``registered:<name>``) the feature configs use into the
+    bundle, so that the bundle scores alone: from any working directory, and unchanged by a later
+    base-training run that registers a new encoder under the same name. Returns
+    ``{backbone reference: folder in the bundle}``."""
+    import shutil
+
+    from fsad_pipeline.models.registration import REGISTERED_PREFIX, resolve_encoder_dir
+
+    copied: dict[str, str] = {}
+    for reference in dict.fromkeys(config.backbone for config in configs):
+        if not reference.startswith(REGISTERED_PREFIX):
+            continue
+        relative = f"{ENCODERS_DIR}/{len(copied)}"
+        shutil.copytree(resolve_encoder_dir(reference), staging / relative)
+        copied[reference] = relative
+    return copied
+
+
+def _with_bundled_encoder(features, directory: Path, encoders: Mapping[str, str]):
+    """``features`` reading its registered encoder from the bundle's own copy (when it has one)."""
+    from dataclasses import replace
+
+    from fsad_pipeline.models.registration import REGISTERED_PREFIX
+
+    relative = encoders.get(features.backbone)
+    if relative is None:
+        return features
+    return replace(features, backbone=f"{REGISTERED_PREFIX}{(directory / relative).resolve()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +298,9 @@ def verify_bundle(directory: str | Path, expect: Mapping[str, Any] | None = None
         )
     check_expectation(manifest, expect, where=f"model at {directory}")
     components = manifest.get("components") or {}
+    for relative in [*components.values(), *(manifest.get("encoders") or {}).values()]:
+        if relative is not None and (not isinstance(relative, str) or not _inside(relative)):
+            raise BundleError(f"{directory}: the manifest names {relative!r}, outside the bundle")
     for name in ("dfd", "fusion", "support_images"):
         if not components.get(name) or not (directory / components[name]).exists():
             raise BundleError(f"{directory}: the {name} component is missing")
@@ -280,6 +322,8 @@ def _checked_file_table(directory: Path, manifest: Mapping[str, Any]) -> dict[st
         if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) \
                 or not isinstance(expected.get("bytes"), int):
             raise BundleError(f"{directory}: the files table entry for {relative} is malformed")
+        if not _inside(relative):
+            raise BundleError(f"{directory}: the files table names {relative!r}, outside the bundle")
     recorded = manifest.get("content_hash")
     if recorded != _content_hash(files):
         raise BundleError(
@@ -287,6 +331,12 @@ def _checked_file_table(directory: Path, manifest: Mapping[str, Any]) -> dict[st
             "(the manifest was edited after export); export the model again"
         )
     return files
+
+
+def _inside(relative: str) -> bool:
+    """A relative path that stays inside the bundle (no absolute path, no ``..``)."""
+    path = Path(relative)
+    return bool(relative) and not path.is_absolute() and ".." not in path.parts
 
 
 def _check_files_on_disk(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
@@ -405,6 +455,17 @@ def load_bundle(
     if dfd.features.backbone != manifest["backbone"] or as_hw(dfd.features.image_size) != as_hw(manifest["image_size"]):
         raise BundleError(f"{directory}: dfd/ was saved for {dfd.features.backbone} at {dfd.features.image_size}, "
                           f"the manifest says {manifest['backbone']} at {manifest['image_size']}")
+    encoders = manifest.get("encoders") or {}
+    missing_encoders = sorted(
+        {c.backbone for c in (dfd.features, *([patch.features] if patch else [])) if c.backbone.startswith("registered:")}
+        - set(encoders)
+    )
+    if missing_encoders:
+        raise BundleError(f"{directory}: the features use {missing_encoders} but the bundle does not contain them; "
+                          "export the model again with this code (it copies registered encoders in)")
+    dfd.features = _with_bundled_encoder(dfd.features, directory, encoders)  # before the extractor is built
+    if patch is not None:
+        patch.features = _with_bundled_encoder(patch.features, directory, encoders)
     if patch is not None and as_hw(patch.features.image_size) != as_hw(manifest["image_size"]):
         raise BundleError(f"{directory}: patch_scorers/ was saved at image size {patch.features.image_size}")
     available = {"dfd", "winclip", *(patch.scorers if patch is not None else ())}
@@ -414,6 +475,8 @@ def load_bundle(
     classifier = None
     if components.get("classifier"):
         classifier = (classifier_loader or _default_classifier_loader)(directory / components["classifier"])
+        if hasattr(classifier, "features"):
+            classifier.features = _with_bundled_encoder(classifier.features, directory, encoders)
     return ModelBundle(
         root=directory,
         manifest=manifest,
