@@ -64,8 +64,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk (best effort) before it is renamed into
+    place: after a power loss the champion then points at complete files, not truncated ones."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() or path.is_dir():
+            _fsync_dir(path)  # fsync through a read-only descriptor: files may be read-only
+    _fsync_dir(root)
+
+
 def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort; not every filesystem supports it)."""
+    """Make a rename in folder ``path`` (or the content of file ``path``) durable (best effort;
+    not every filesystem supports it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -264,6 +274,7 @@ class ModelStore:
                 moved = self._stage(candidate, staging, move)
                 write_json(staging / PROMOTION_FILE, record)
                 verify_bundle(staging)  # the copy is complete and intact
+                _fsync_tree(staging)
                 os.replace(staging, final)
                 _fsync_dir(self.versions_dir)
             except BaseException:
