@@ -149,3 +149,45 @@ def test_data_max_pixels_is_the_guard_that_applies_above_pils_own_limit(tmp_path
     assert Image.MAX_IMAGE_PIXELS == 500  # restored
     with pytest.raises(BadImageError, match="exceeds the decompression-bomb guard of 1000 pixels"):
         read_image(path, max_pixels=1000)
+
+
+@pytest.mark.parametrize("offset", range(4))
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_shrinking_a_mask_keeps_a_thin_scratch_wherever_it_falls(offset, width):
+    """1024 -> 256 by nearest neighbour sampled every 4th row: a 1-3 px line vanished at most offsets."""
+    from fsad_pipeline.data.images import resize_mask
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20 + offset : 20 + offset + width, 8:56] = 1
+    small = resize_mask(mask, (16, 16))
+    assert small.dtype == np.uint8 and set(np.unique(small)) == {0, 1}
+    assert small[5:8, 2:14].any(axis=0).all()  # the whole line is still there
+    assert small.sum() <= 2 * 12  # and it has not grown beyond the cells it touches
+    assert resize_mask(mask, (128, 128)).sum() == 4 * mask.sum()  # enlarging: nearest, exact
+
+
+def test_one_bit_and_float_masks_read_by_their_values_not_their_range(tmp_path):
+    from fsad_pipeline.data.images import read_mask
+
+    Image.fromarray(np.ones((6, 6), bool)).convert("1").save(tmp_path / "all.png")
+    assert read_mask(tmp_path / "all.png").sum() == 36  # an all-defect 1-bit mask is all defect
+    Image.fromarray(np.full((6, 6), 1.0, np.float32), mode="F").save(tmp_path / "all.tiff")
+    assert read_mask(tmp_path / "all.tiff").sum() == 36
+    half = np.zeros((6, 6), np.float32)
+    half[:3] = 0.4
+    Image.fromarray(half, mode="F").save(tmp_path / "half.tiff")
+    assert read_mask(tmp_path / "half.tiff", threshold=127).sum() == 0  # 0.4 * 255 = 102 <= 127
+    assert read_mask(tmp_path / "half.tiff", threshold=50).sum() == 18
+
+
+def test_an_exif_rotated_jpeg_is_read_and_sized_as_it_is_displayed(tmp_path):
+    from fsad_pipeline.data.geometry import read_image_sizes
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "cam.jpg")
+    assert image.shape == (40, 20, 3) and read_image_sizes([tmp_path / "cam.jpg"]) == [(40, 20)]
+    assert image[:10].mean() > 200 and image[-10:].mean() < 50  # the band is now at the top

@@ -55,3 +55,24 @@ def test_fewer_defect_images_than_k_defect_shots_is_said_not_shrunk_silently(man
     with caplog.at_level(logging.WARNING, logger="fsad_pipeline.data.sampling"):
         select_defect_shots(manifest, k_defect_shots=1, seed=0)
     assert not caplog.records
+
+
+def test_defect_shot_masks_honour_the_mask_threshold(tmp_path):
+    """data.mask_threshold reaches the masks that are used: a JPEG-grey halo (value 40) around a
+    defect (255) is defect at threshold 0 and normal at 128."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from fsad_pipeline.data.sampling import load_defect_shots
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 40
+    mask[6:10, 6:10] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "d.png")
+    manifest = pd.DataFrame({"path": [str(tmp_path / "d.png")], "mask_path": [str(tmp_path / "m.png")], "label": [1]})
+    shots = {"shots": {"scratch": [str(tmp_path / "d.png")]}}
+    _, loose, _ = load_defect_shots(manifest, shots, (16, 16))
+    _, strict, has_mask = load_defect_shots(manifest, shots, (16, 16), mask_threshold=128)
+    assert loose.sum() == 64 and strict.sum() == 16 and has_mask.all()

@@ -172,7 +172,11 @@ def score_in_chunks(
 
 
 def evaluate_reference(
-    test: pd.DataFrame, output: dict[str, Any], fpr_limit: float, pixel_max_side: int | None = DEFAULT_PIXEL_MAX_SIDE
+    test: pd.DataFrame,
+    output: dict[str, Any],
+    fpr_limit: float,
+    pixel_max_side: int | None = DEFAULT_PIXEL_MAX_SIDE,
+    mask_threshold: int = 0,
 ) -> dict:
     """The project's metrics (image / pixel AUROC, AUPRO, per defect type) of a reference output,
     the pixel ones at each image's own resolution (long side capped at ``pixel_max_side``), as
@@ -182,7 +186,8 @@ def evaluate_reference(
     """
     labels = test["gt_label"].to_numpy().astype(int)
     masks, has_mask = load_native_gt_masks(
-        test["path"].tolist(), test["mask_path"].fillna("").tolist(), labels.tolist(), max_side=pixel_max_side
+        test["path"].tolist(), test["mask_path"].fillna("").tolist(), labels.tolist(), max_side=pixel_max_side,
+        threshold=int(mask_threshold),
     )
     maps = ResizedMaps(output["anomaly_map"], [mask.shape for mask in masks])
     # No threshold: pred_label is a placeholder, and the metrics that need it are dropped below.
@@ -247,4 +252,5 @@ def reference_for_run(
     max_side = params["evaluation"].get("pixel_max_side", DEFAULT_PIXEL_MAX_SIDE)
     common = {"bank_size": reference.bank_size, "k_shot": len(selection["rounds"][0]), "image_size": list(size),
               "backbone": config.backbone, "seconds": seconds, "images_per_second": len(paths) / seconds if seconds else None}
-    return {name: {**evaluate_reference(test, out, limit, max_side), **common} for name, out in output.items()}
+    threshold = int((params.get("data") or {}).get("mask_threshold", 0))
+    return {name: {**evaluate_reference(test, out, limit, max_side, threshold), **common} for name, out in output.items()}

@@ -85,12 +85,14 @@ def read_image_sizes(paths: Iterable[str | Path]) -> list[tuple[int, int]]:
     PIL's own pixel limit is off here: the guard is ``data.max_pixels``, applied by the reader."""
     from PIL import Image
 
-    from fsad_pipeline.data.images import pil_guard_off
+    from fsad_pipeline.data.images import QUARTER_TURN_ORIENTATIONS, exif_orientation, pil_guard_off
 
     sizes = []
     for path in paths:
         with pil_guard_off(), Image.open(path) as image:
             width, height = image.size
+            if exif_orientation(image) in QUARTER_TURN_ORIENTATIONS:  # as displayed (and as read)
+                width, height = height, width
         sizes.append((int(height), int(width)))
     return sizes
 

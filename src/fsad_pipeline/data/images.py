@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fsad_pipeline.data.geometry import as_hw
 
@@ -92,11 +92,25 @@ def _decode(source: Path | io.BytesIO, name: str | Path, max_pixels: int) -> Ima
                     f"guard of {max_pixels} pixels (raise data.max_pixels if this is intended)",
                 )
             image.load()  # full decode: catches truncated and corrupt data
+            if exif_orientation(image) != 1:  # a camera JPEG stored sideways: as it is displayed
+                image = ImageOps.exif_transpose(image)
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImageError(name, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     return image
+
+
+#: EXIF orientations that turn the image by 90 degrees (width and height swap when displayed).
+QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored, the default when there is none)."""
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no orientation
+        return 1
 
 
 def _to_uint8(array: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
@@ -196,6 +210,11 @@ def read_mask(
     array = np.asarray(image)
     if array.ndim == 3:
         array = array[..., :3].max(axis=2) if array.shape[2] >= 3 else array[..., 0]
+    if array.dtype == bool:  # a 1-bit mask: True is defect, whatever the rest of the mask holds
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):  # floats: [0, 1] is the 8-bit scale / 255
+        top = 1.0 if float(np.nanmax(array, initial=0.0)) <= 1.0 else 255.0
+        return (np.nan_to_num(array.astype(np.float64)) * (255.0 / top) > threshold).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
         # Compared on the 8-bit scale without rounding: a 16-bit mask of 0/1 keeps its 1s.
         top = float(2 ** (declared_bit_depth(image) or 8 * array.dtype.itemsize) - 1)
@@ -224,10 +243,15 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize a {0,1} mask with nearest-neighbour interpolation."""
+    """Resize a {0,1} mask: nearest-neighbour when enlarging; when shrinking, a target pixel is
+    defect if any source pixel under it is (area average > 0), so a 1-3 px scratch or a small
+    speckle is not erased by the sampling grid."""
     import cv2
 
     height, width = as_hw(size)
     if mask.shape[:2] == (height, width):
         return mask
+    if height <= mask.shape[0] and width <= mask.shape[1]:
+        area = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+        return (area > 0).astype(np.uint8)
     return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)

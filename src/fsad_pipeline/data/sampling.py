@@ -177,13 +177,15 @@ def defect_shot_paths(defect_shots: dict) -> list[str]:
 
 
 def load_defect_shots(
-    manifest: pd.DataFrame, defect_shots: dict, image_size: int | tuple[int, int]
+    manifest: pd.DataFrame, defect_shots: dict, image_size: int | tuple[int, int], *, mask_threshold: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The labelled defect shots as ``(images (n, H, W, 3), masks (n, H, W), has_mask (n,))``, path order."""
+    """The labelled defect shots as ``(images (n, H, W, 3), masks (n, H, W), has_mask (n,))``, path order
+    (mask pixels above ``mask_threshold``, ``data.mask_threshold``, are defect)."""
     paths = defect_shot_paths(defect_shots)
     if not paths:
         return load_images([], image_size), np.zeros((0, *as_hw(image_size)), np.uint8), np.zeros(0, bool)
     rows = manifest.set_index("path").loc[paths]
     images = load_images(paths, image_size)
-    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), image_size)
+    masks, has_mask = load_gt_masks(rows["mask_path"].tolist(), rows["label"].tolist(), image_size,
+                                    threshold=mask_threshold)
     return images, masks, has_mask

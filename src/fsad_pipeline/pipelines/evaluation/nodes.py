@@ -41,12 +41,13 @@ def compute_metrics(
     k_defect_shots: int,
     seed: int,
     evaluation: dict,
+    mask_threshold: int = 0,
 ) -> tuple[dict, pd.DataFrame]:
     """metrics.json: the fused result at the top level, every scorer under ``scorers``."""
     # Pixel metrics at each image's own resolution: masks read at native size, maps upsampled to them.
     masks, has_mask = load_native_gt_masks(
         predictions["path"].tolist(), predictions["mask_path"].tolist(), predictions["gt_label"].tolist(),
-        max_side=evaluation.get("pixel_max_side"),
+        max_side=evaluation.get("pixel_max_side"), threshold=int(mask_threshold),
     )
     sizes = [mask.shape for mask in masks]
     limit = float(evaluation["aupro_fpr_limit"])
@@ -97,7 +98,12 @@ def _score_figures(predictions: pd.DataFrame, fusion: dict) -> dict[str, Figure]
 
 
 def plot_results(
-    predictions: pd.DataFrame, anomaly_maps: np.ndarray, fusion: dict, image_size: int, evaluation: dict
+    predictions: pd.DataFrame,
+    anomaly_maps: np.ndarray,
+    fusion: dict,
+    image_size: int,
+    evaluation: dict,
+    mask_threshold: int = 0,
 ) -> tuple[Figure, Figure, Figure, Figure]:
     figures = _score_figures(predictions, fusion)
     scores = predictions["pred_score"].to_numpy()
@@ -108,7 +114,8 @@ def plot_results(
     chosen = list(dict.fromkeys(chosen.tolist()))
     rows = predictions.iloc[chosen]
     images = load_images(rows["path"].tolist(), as_hw(image_size))
-    masks, _ = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), as_hw(image_size))
+    masks, _ = load_gt_masks(rows["mask_path"].tolist(), rows["gt_label"].tolist(), as_hw(image_size),
+                             threshold=int(mask_threshold))
     titles = [f"{r.defect_type} score={r.pred_score:.2f} {'NG' if r.pred_label else 'OK'}" for r in rows.itertuples()]
     overlays = heatmap_overlay_grid(
         images,

@@ -22,14 +22,19 @@ def augment_support_images(support_images: np.ndarray, support_augmentation: dic
 
 
 def build_fusion_validation(
-    synthetic_validation: PseudoAnomalySet, defect_shots: dict, manifest, image_size: int, defect_views: dict
+    synthetic_validation: PseudoAnomalySet,
+    defect_shots: dict,
+    manifest,
+    image_size: int,
+    defect_views: dict,
+    mask_threshold: int = 0,
 ) -> PseudoAnomalySet:
     """The synthetic validation split plus augmented labelled defect shots (when any).
 
     A shot without a ground-truth mask has an all-zero mask here, so its views are marked
     ``mask_known`` False.
     """
-    images, masks, _ = load_defect_shots(manifest, defect_shots, as_hw(image_size))
+    images, masks, _ = load_defect_shots(manifest, defect_shots, as_hw(image_size), mask_threshold=int(mask_threshold))
     config = SupportAugmentationConfig.from_dict(defect_views)
     return with_labelled_defects(synthetic_validation, images, masks, config)
 
@@ -45,10 +50,13 @@ def fit_memory_banks(
     memory_bank: dict,
     seed: int,
     device: str,
+    mask_threshold: int = 0,
 ) -> tuple[PatchScorerSet, dict]:
     """The fitted patch scorers, and their leave-one-out outputs on the fusion validation set."""
     features = feature_config(memory_bank.get("backbone") or backbone, image_size, memory_bank["features"])
-    defect_images, defect_masks, has_mask = load_defect_shots(manifest, defect_shots, as_hw(image_size))
+    defect_images, defect_masks, has_mask = load_defect_shots(
+        manifest, defect_shots, as_hw(image_size), mask_threshold=int(mask_threshold)
+    )
     if not has_mask.all():
         defect_masks = None  # no mask for some shots: use the top-scoring patches for all of them
     return fit_patch_scorers(

@@ -14,7 +14,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 build_fusion_validation,
-                inputs=["synthetic_validation", "defect_shots", "manifest", "working_size", "params:fusion.defect_views"],
+                inputs=["synthetic_validation", "defect_shots", "manifest", "working_size", "params:fusion.defect_views",
+                        "params:data.mask_threshold"],
                 outputs="fusion_validation",
                 name="build_fusion_validation",
             ),
@@ -31,6 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:memory_bank",
                     "params:seed",
                     "params:device",
+                    "params:data.mask_threshold",
                 ],
                 outputs=["patch_scorers", "patch_validation"],
                 name="fit_memory_banks",
