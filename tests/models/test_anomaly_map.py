@@ -100,3 +100,22 @@ def test_generator_fusion_and_outputs() -> None:
         outputs["perlin_map"], outputs["gaussian_map"], stats, weights=(1.0, 0.0)
     )
     torch.testing.assert_close(only_perlin, perlin_norm)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_non_finite_patch_score_does_not_poison_the_whole_map(bad: float) -> None:
+    """Every pixel is a weighted sum over every patch: a NaN or an empty IVF probe's inf would
+    turn the whole map NaN. It scores as the image's highest finite patch instead."""
+    from fsad_pipeline.models.anomaly_map import patch_scores_to_map
+
+    torch.manual_seed(0)
+    scores = torch.rand(2, 8, 8)
+    poisoned = scores.clone()
+    poisoned[0, 3, 4] = bad
+    maps = patch_scores_to_map(poisoned, (32, 32), sigma=2.0)
+    assert torch.isfinite(maps).all()
+    repaired = scores.clone()
+    repaired[0, 3, 4] = torch.cat([scores[0].flatten()[: 3 * 8 + 4], scores[0].flatten()[3 * 8 + 5 :]]).max()
+    torch.testing.assert_close(maps, patch_scores_to_map(repaired, (32, 32), sigma=2.0))
+    allbad = torch.full((1, 8, 8), bad)
+    assert torch.equal(patch_scores_to_map(allbad, (16, 16), sigma=1.0), torch.zeros(1, 16, 16))

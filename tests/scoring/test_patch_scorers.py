@@ -135,3 +135,21 @@ def test_knn_and_anomalous_bank_share_one_search_with_the_same_scores(distance, 
         _, raw = knn.patch_scores_and_raw_distances(queries)
         flat = queries.permute(0, 2, 3, 1).reshape(-1, 24)
         np.testing.assert_allclose(raw.reshape(-1), torch.cdist(flat, normal).amin(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_patch_maps_are_smoothed_at_test_time_as_they_were_for_the_validation(tmp_path, tiny_model_parts):
+    """memory_bank.map_sigma is recorded with the fitted set (and saved with it): the ensemble
+    smooths the patch scorers' test maps with it, whatever DFD's own map_sigma is; a set saved
+    before it was recorded gets the old shared default, 4.0."""
+    from fsad_pipeline.scoring.ensemble import assemble
+    from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
+
+    patch = tiny_model_parts["patch_scorers"]
+    assert patch.info["map_sigma"] == 4.0
+    sharper = PatchScorerSet(patch.features, patch.scorers, {**patch.info, "map_sigma": 1.5})
+    sharper.save(tmp_path / "set")
+    loaded = PatchScorerSet.load(tmp_path / "set")
+    assert assemble(None, loaded, image_size=32).map_sigma == 1.5
+    older = PatchScorerSet(patch.features, patch.scorers, {k: v for k, v in patch.info.items() if k != "map_sigma"})
+    assert assemble(None, older, image_size=32).map_sigma == 4.0
+    assert assemble(None, loaded, image_size=32, map_sigma=2.0).map_sigma == 2.0  # an explicit value wins

@@ -421,7 +421,6 @@ class ModelBundle:
             self.patch_scorers,
             image_size=self.image_size,
             winclip_scorer=winclip,
-            map_sigma=self.dfd.train_config.map_sigma,
             device=self.device,
             fusion=self.fusion,
         )

@@ -103,7 +103,20 @@ def patch_scores_to_map(
     columns = _axis_operator(int(scores.shape[2]), width, float(sigma), float(truncate))
     dtype = scores.dtype if scores.is_floating_point() else torch.float32
     rows, columns = rows.to(scores.device, dtype), columns.to(scores.device, dtype)
-    return torch.matmul(torch.matmul(rows, scores.to(dtype)), columns.T)
+    scores = _finite(scores.to(dtype))
+    return torch.matmul(torch.matmul(rows, scores), columns.T)
+
+
+def _finite(scores: Tensor) -> Tensor:
+    """Non-finite patch scores (an empty IVF probe's inf, a NaN) as the image's highest finite
+    score: every pixel of a map is a weighted sum over every patch, so one NaN would make the
+    whole map NaN (0 · NaN = NaN), not one blurred spot. An image without a finite score maps to 0."""
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        return scores
+    highest = torch.where(finite, scores, torch.full_like(scores, -torch.inf)).amax(dim=(1, 2), keepdim=True)
+    highest = torch.where(torch.isfinite(highest), highest, torch.zeros_like(highest))
+    return torch.where(finite, scores, highest.expand_as(scores))
 
 
 @dataclass

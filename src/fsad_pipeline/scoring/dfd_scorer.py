@@ -390,13 +390,16 @@ class DFDScorer:
 
 
 def score_held_out_in_chunks(
-    scorer: DFDScorer, images: np.ndarray, sources: Sequence[int], *, chunk_size: int = 32
+    scorer: DFDScorer, images: np.ndarray, sources: Sequence[int], *, chunk_size: int = 32, progress: bool = True
 ) -> ScoreBatch:
     """:meth:`DFDScorer.score_held_out` over an in-memory image array, ``chunk_size`` at a time."""
+    from tqdm.auto import tqdm
+
     sources = np.asarray(sources, dtype=np.int64)
+    starts = range(0, len(images), chunk_size)
     chunks = [
         scorer.score_held_out(images[start : start + chunk_size], sources[start : start + chunk_size])
-        for start in range(0, len(images), chunk_size)
+        for start in tqdm(starts, desc="DFD (validation)", unit="batch", disable=not progress or len(starts) < 2)
     ]
     if not chunks:
         return {"anomaly_map": np.zeros((0, *scorer.image_size), np.float32), "pred_score": np.zeros(0, np.float32)}

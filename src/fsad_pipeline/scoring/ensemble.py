@@ -21,6 +21,10 @@ from fsad_pipeline.scoring.fusion import Fusion
 from fsad_pipeline.scoring.patch_scorers import score_patch_features
 
 
+#: The patch scorers' map smoothing (pixels) where a saved set does not record its own.
+DEFAULT_MAP_SIGMA = 4.0
+
+
 class PatchScorer(Protocol):
     name: str
 
@@ -107,16 +111,21 @@ def assemble(
     *,
     image_size: int | tuple[int, int],
     winclip_scorer: Scorer | None = None,
-    map_sigma: float = 4.0,
+    map_sigma: float | None = None,
     device: str = "cpu",
     fusion: Fusion | None = None,
 ) -> ScorerEnsemble:
+    """Every scorer behind one call. ``map_sigma`` smooths the patch scorers' maps: None takes the
+    value the patch scorers were fitted (and their validation maps made) with, recorded in the
+    set's ``info`` (4.0 for sets saved before it was recorded). DFD smooths its own maps."""
     image_scorers: dict[str, Scorer] = {}
     if dfd_model is not None:
         image_scorers["dfd"] = dfd_model
     if winclip_scorer is not None:
         image_scorers["winclip"] = winclip_scorer
     patch = dict(patch_scorer_set.scorers) if patch_scorer_set is not None else {}
+    if map_sigma is None:
+        map_sigma = float((getattr(patch_scorer_set, "info", None) or {}).get("map_sigma", DEFAULT_MAP_SIGMA))
     return ScorerEnsemble(
         image_size=as_hw(image_size),
         image_scorers=image_scorers,
@@ -129,7 +138,16 @@ def assemble(
     )
 
 
-def score_in_chunks(ensemble: ScorerEnsemble, images: np.ndarray, *, chunk_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
+def score_in_chunks(
+    ensemble: ScorerEnsemble, images: np.ndarray, *, chunk_size: int = 32, progress: bool = True
+) -> dict[str, dict[str, np.ndarray]]:
     """``score_each`` over an in-memory image array, chunked."""
-    chunks = [ensemble.score_each(images[i : i + chunk_size]) for i in range(0, len(images), chunk_size)]
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(images), chunk_size)
+    names = "+".join([*ensemble.image_scorers, *ensemble.patch_scorers]) or "scorers"
+    chunks = [
+        ensemble.score_each(images[i : i + chunk_size])
+        for i in tqdm(starts, desc=f"{names} (validation)", unit="batch", disable=not progress or len(starts) < 2)
+    ]
     return stack_outputs(chunks)

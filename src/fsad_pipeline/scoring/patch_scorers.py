@@ -208,7 +208,9 @@ def fit_patch_scorers(
     scorers = _fit_scorers(
         support_features, defect_features=defect_features, defect_masks=defect_masks, progress=progress, **options
     )
-    info = {"augmented_support_images": int(len(augmented_support)), "feature_dim": extractor.feature_dim}
+    # map_sigma travels with the banks: the test maps must be smoothed as the validation's were.
+    info = {"augmented_support_images": int(len(augmented_support)), "feature_dim": extractor.feature_dim,
+            "map_sigma": float(map_sigma)}
     if validation_images is None or not len(validation_images):
         return PatchScorerSet(features, scorers, info), {}
     total = len(validation_images)

@@ -38,7 +38,6 @@ def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, dev
         patch_scorers,
         image_size=as_hw(image_size),
         winclip_scorer=build_winclip(support_images, winclip, device=device),
-        map_sigma=dfd_model.train_config.map_sigma,
         device=device,
         fusion=fusion,
     )
@@ -152,7 +151,7 @@ def fit_score_fusion(
     calibration_scores = None
     if calibration:
         full.fusion = fitted
-        calibration_scores = score_paths(full, calibration, max_pixels=int(data["max_pixels"]), progress=False)["pred_scores"]
+        calibration_scores = score_paths(full, calibration, max_pixels=int(data["max_pixels"]))["pred_scores"]
     decision = calibrate_decision(
         fitted.fuse(outputs)["pred_score"][: len(fusion_validation.labels)], fusion_validation, calibration_scores,
         method=threshold["method"], target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
