@@ -199,9 +199,6 @@ def inspect_images(
         raise ValueError(f"the threshold must be a finite number, got {decision}")
     _check_output_dir(output_dir)
     ensemble = bundle.ensemble()
-    for scorer in ensemble.patch_scorers.values():  # saved banks keep their fit-time progress setting
-        if hasattr(scorer, "set_progress"):
-            scorer.set_progress(progress)
     names = list(bundle.fusion.scorers)
     display_range = bundle.fusion.map_display_range()  # the same colours in every overlay
     rows: list[pd.DataFrame] = []

@@ -165,10 +165,7 @@ def load_model(model_dir: Path, *, device: str = "cpu", loader: Callable[..., An
     identity = _identity(model_dir)
     path, content_hash, _ = identity
     bundle = (loader or load_bundle)(path, expect, device=device)
-    ensemble = bundle.ensemble()
-    for scorer in ensemble.patch_scorers.values():  # no progress bars in a service
-        if hasattr(scorer, "set_progress"):
-            scorer.set_progress(False)
+    ensemble = bundle.ensemble()  # its banks show no progress bars of their own
     promotion = bundle.promotion or {}
     return LoadedModel(bundle, ensemble, path, content_hash, promotion.get("version") or path.name,
                        datetime.now(timezone.utc).isoformat(timespec="seconds"), identity)

@@ -124,6 +124,11 @@ def assemble(
     if winclip_scorer is not None:
         image_scorers["winclip"] = winclip_scorer
     patch = dict(patch_scorer_set.scorers) if patch_scorer_set is not None else {}
+    for scorer in patch.values():
+        # Scored a chunk at a time, under the caller's own progress bar (or none, in the service):
+        # a bank's search bar per chunk would only repeat it (a saved bank keeps its fit-time setting).
+        if hasattr(scorer, "set_progress"):
+            scorer.set_progress(False)
     if map_sigma is None:
         map_sigma = float((getattr(patch_scorer_set, "info", None) or {}).get("map_sigma", DEFAULT_MAP_SIGMA))
     return ScorerEnsemble(
