@@ -204,6 +204,15 @@ def export_bundle(
     return manifest
 
 
+def _one_version(directory: str | Path) -> Path:
+    """The folder ``directory`` resolves to now (as given when there is nothing there, so that the
+    error names the path the user typed). Resolved once: through ``models/champion`` every later
+    open could land in another version (a promotion flips the link), mixing one version's
+    manifest with another's weights."""
+    given = Path(directory)
+    return given.resolve() if given.exists() else given
+
+
 def _copy_registered_encoders(configs: list, staging: Path) -> dict[str, str]:
     """Copy every registered encoder (``registered:<name>``) the feature configs use into the
     bundle, so that the bundle scores alone: from any working directory, and unchanged by a later
@@ -288,7 +297,7 @@ def verify_bundle(directory: str | Path, expect: Mapping[str, Any] | None = None
     Checks the format version, ``expect`` (backbone, image size, config version), that the
     required components are there, and (``check_files``) the size and SHA-256 of every file.
     """
-    directory = Path(directory).resolve()  # one version throughout (see load_bundle)
+    directory = _one_version(directory)
     manifest = read_manifest(directory)
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
@@ -437,9 +446,7 @@ def load_bundle(
     """Validate (see :func:`verify_bundle`) and load a bundle; refuses with :class:`BundleError`."""
     from fsad_pipeline.models.features import select_device
 
-    # Resolved once: through models/champion every later open could land in another version
-    # (a promotion flips the link), mixing one version's manifest with another's weights.
-    directory = Path(directory).resolve()
+    directory = _one_version(directory)
     manifest = verify_bundle(directory, expect, check_files=check_files)
     components = manifest["components"]
     torch_device = str(select_device(device))
