@@ -233,14 +233,18 @@ def _copy_registered_encoders(configs: list, staging: Path) -> dict[str, str]:
 
 
 def _with_bundled_encoder(features, directory: Path, encoders: Mapping[str, str]):
-    """``features`` reading its registered encoder from the bundle's own copy (when it has one)."""
+    """``features`` reading its registered encoder from the bundle's own copy; refused when the
+    features use a registered encoder the bundle does not hold (exported before they were copied in)."""
     from dataclasses import replace
 
     from fsad_pipeline.models.registration import REGISTERED_PREFIX
 
+    if not features.backbone.startswith(REGISTERED_PREFIX):
+        return features
     relative = encoders.get(features.backbone)
     if relative is None:
-        return features
+        raise BundleError(f"{directory}: the features use {features.backbone} but the bundle does not contain it; "
+                          "export the model again with this code (it copies registered encoders in)")
     return replace(features, backbone=f"{REGISTERED_PREFIX}{(directory / relative).resolve()}")
 
 
@@ -462,13 +466,6 @@ def load_bundle(
         raise BundleError(f"{directory}: dfd/ was saved for {dfd.features.backbone} at {dfd.features.image_size}, "
                           f"the manifest says {manifest['backbone']} at {manifest['image_size']}")
     encoders = manifest.get("encoders") or {}
-    missing_encoders = sorted(
-        {c.backbone for c in (dfd.features, *([patch.features] if patch else [])) if c.backbone.startswith("registered:")}
-        - set(encoders)
-    )
-    if missing_encoders:
-        raise BundleError(f"{directory}: the features use {missing_encoders} but the bundle does not contain them; "
-                          "export the model again with this code (it copies registered encoders in)")
     dfd.features = _with_bundled_encoder(dfd.features, directory, encoders)  # before the extractor is built
     if patch is not None:
         patch.features = _with_bundled_encoder(patch.features, directory, encoders)

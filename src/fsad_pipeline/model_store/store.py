@@ -67,9 +67,8 @@ def _now() -> str:
 def _fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` to disk (best effort) before it is renamed into
     place: after a power loss the champion then points at complete files, not truncated ones."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file() or path.is_dir():
-            _fsync_dir(path)  # fsync through a read-only descriptor: files may be read-only
+    for path in root.rglob("*"):
+        _fsync_dir(path)  # fsync through a read-only descriptor: files may be read-only
     _fsync_dir(root)
 
 

@@ -695,6 +695,7 @@ def fit_fusion(
         # Image scores: the general scorers are weighed on the whole validation; a specialist
         # (built for the labelled defect types only) then joins on the views of those defects.
         general = [n for n in names if n not in set(specialists)] or names
+        present = [n for n in names if n not in general]  # the specialists among the fitted scorers
         if any(n in in_sample for n in names) and all(n in in_sample for n in general):
             logger.warning(
                 "fusion: every general scorer %s is in-sample; with the specialists apart no candidate "
@@ -702,24 +703,19 @@ def fit_fusion(
             )
         rows = [names.index(n) for n in general]
         general_vectors, general_monte_carlo = (
-            (vectors, monte_carlo) if len(general) == len(names)
-            else _candidates(general, int(n_trials), int(seed), in_sample)
+            _candidates(general, int(n_trials), int(seed), in_sample) if present else (vectors, monte_carlo)
         )
         general_weights, score_record = _search(
             general, scores[rows], kinds, general_vectors, general_monte_carlo, float(min_gain), "score",
             prefer=score_preference,
         )
         score_weights = {n: general_weights.get(n, 0.0) for n in names}
-        if len(general) < len(names):
-            score_weights, score_record["specialists"] = admit_specialists(
-                score_weights, [n for n in names if n not in general], names, scores, kinds
-            )
+        if present:
+            score_weights, score_record["specialists"] = admit_specialists(score_weights, present, names, scores, kinds)
         if has_pixels:
             map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
         else:
-            map_weights = with_equal_shares(
-                {n: general_weights.get(n, 0.0) for n in names}, [n for n in names if n not in general]
-            )
+            map_weights = with_equal_shares({n: general_weights.get(n, 0.0) for n in names}, present)
             map_record = {
                 "method": "follow_scores",
                 "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
