@@ -116,7 +116,7 @@ def _read_png(path: Path, color: bool) -> np.ndarray:
 
 def save_sample_set(directory: str | Path, samples: PseudoAnomalySet) -> None:
     """Write a pseudo-anomaly set as PNG files plus ``samples.csv`` (index, label, source_index,
-    defect_shot, mask_known, family).
+    defect_shot, mask_known, family, view).
 
     Layout: ``normals/NNNNN.png`` (rotated clean image), ``images/NNNNN.png`` (augmented image),
     ``masks/NNNNN.png`` (0/255), so a person can browse them.
@@ -138,6 +138,7 @@ def save_sample_set(directory: str | Path, samples: PseudoAnomalySet) -> None:
                 "defect_shot": samples.defect_shot,
                 "mask_known": samples.mask_known.astype(int),
                 "family": samples.family,
+                "view": samples.view,
             }
         ).to_csv(staging / "samples.csv", index=False)
 
@@ -155,6 +156,7 @@ def load_sample_set(directory: str | Path) -> PseudoAnomalySet:
         defect_shot=table["defect_shot"].to_numpy(dtype=np.int64) if "defect_shot" in table else None,
         mask_known=table["mask_known"].to_numpy(dtype=bool) if "mask_known" in table else None,
         family=table["family"].to_numpy(dtype=str) if "family" in table else None,  # absent: derived
+        view=table["view"].to_numpy(dtype=str) if "view" in table else None,  # absent: all "original"
     )
     samples.validate()
     return samples

@@ -102,3 +102,22 @@ def test_save_load_identical(tmp_path: Path) -> None:
     loaded = AnomalousBankScorer.load(tmp_path)
     assert loaded.name == "anomalous_bank"
     assert torch.equal(loaded.patch_scores(features), scorer.patch_scores(features))
+
+
+def test_log_odds_keep_apart_what_the_probability_saturates(tmp_path: Path) -> None:
+    """Far from the normal bank, the probability is exactly 1.0 in float32 for a patch a little
+    closer to a defect and for one much closer; the log-odds are their sigmoid's argument, in
+    the same order, and stay apart. The choice survives save and load."""
+    normal = torch.zeros(4, 2)
+    anomalous = torch.tensor([[100.0, 0.0]])
+    features = torch.tensor([[[[60.0, 90.0]], [[0.0, 0.0]]]])  # (1, 2, 1, 2): two patches
+    probability = AnomalousBankScorer().fit(anomalous, normal).patch_scores(features)
+    assert probability[0, 0, 0] == probability[0, 0, 1] == 1.0  # tied
+    scorer = AnomalousBankScorer(score="log_odds").fit(anomalous, normal)
+    log_odds = scorer.patch_scores(features)
+    torch.testing.assert_close(log_odds, torch.tensor([[[60.0 - 40.0, 90.0 - 10.0]]]))
+    assert torch.equal(torch.sigmoid(log_odds), probability)
+    scorer.save(tmp_path)
+    assert torch.equal(AnomalousBankScorer.load(tmp_path).patch_scores(features), log_odds)
+    with pytest.raises(ValueError, match="score must be one of"):
+        AnomalousBankScorer(score="odds")

@@ -512,3 +512,47 @@ def test_with_equal_shares_scales_the_weighted_scorers_and_adds_the_joining_ones
         {"a": 0.5, "b": 1 / 6, "c": 0.0, "s": 1 / 3}
     )
     assert with_equal_shares({"a": 1.0, "s": 0.0}, []) == {"a": 1.0, "s": 0.0}
+
+
+def test_each_view_of_the_labelled_defects_is_compared_with_good_images_in_that_view():
+    """An aligned part: "position" reads any turned image as anomalous (it knows where things
+    are) and misses the defects themselves; "detector" sees the defects in every view and reads
+    turned good images as good. Against upright good images only, position's turned defect
+    views rank above every normal and lift its real part well above chance; with the good
+    images turned as the defects were, it falls to chance there and detector alone is chosen. The turned good images
+    are negatives of their own view only: not normals of the normalisation, nor of the reported
+    AUROCs."""
+    rng = np.random.default_rng(4)
+    n_unseen, n_synthetic, shots = 20, 40, 3
+    view_names = ["original", "rot90x2", "hflip"]
+    n_real = shots * len(view_names)
+    turned = np.tile(np.asarray(view_names) != "original", shots)
+    labels = np.r_[np.zeros(n_unseen, int), np.ones(n_synthetic + n_real, int)]
+    unseen = labels == 0
+    real = np.r_[np.zeros(n_unseen + n_synthetic, bool), np.ones(n_real, bool)]
+    views = np.r_[np.full(n_unseen + n_synthetic, "original"), np.tile(view_names, shots)]
+    position = np.r_[rng.normal(0, 1, n_unseen), rng.normal(0, 1, n_synthetic), np.where(turned, 8.0, 0.0) + rng.normal(0, 0.3, n_real)]
+    detector = np.r_[rng.normal(0, 1, n_unseen), rng.normal(1.5, 1, n_synthetic), rng.normal(3.0, 0.3, n_real)]
+    outputs = {"position": _outputs(position), "detector": _outputs(detector)}
+    upright = fit_fusion(outputs, labels, n_trials=0, seed=0, real=real, unseen=unseen, views=views)
+    assert upright.validation["scorers"]["position"]["image_auroc_real"] > 0.6  # credited for the turned views
+    # the same good images turned and mirrored: position flags them all, detector does not
+    viewed_names = np.repeat(["rot90x2", "hflip"], n_unseen)
+    viewed_position = rng.normal(8.0, 0.3, len(viewed_names))
+    viewed_detector = rng.normal(0, 1, len(viewed_names))
+    all_outputs = {
+        "position": _outputs(np.r_[position, viewed_position]),
+        "detector": _outputs(np.r_[detector, viewed_detector]),
+    }
+    all_labels = np.r_[labels, np.zeros(len(viewed_names), int)]
+    fitted = fit_fusion(
+        all_outputs, all_labels, n_trials=0, seed=0, real=np.r_[real, np.zeros(len(viewed_names), bool)],
+        unseen=np.r_[unseen, np.zeros(len(viewed_names), bool)], views=np.r_[views, viewed_names],
+    )
+    record = fitted.validation["scorers"]
+    assert record["position"]["image_auroc_real"] < 0.75 and record["detector"]["image_auroc_real"] > 0.95
+    assert fitted.score_weights == {"position": 0.0, "detector": 1.0}
+    assert fitted.validation["viewed_normal_rows"] == len(viewed_names)
+    # the viewed rows change neither the normalisation nor the AUROC over the rows as taken
+    assert fitted.stats["position"].score_loc == pytest.approx(np.median(position[unseen]))
+    assert record["detector"]["image_auroc"] == upright.validation["scorers"]["detector"]["image_auroc"]

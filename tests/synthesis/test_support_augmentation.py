@@ -17,7 +17,10 @@ from fsad_pipeline.synthesis.support_augmentation import (
     rotate90,
     to_grayscale,
     translate,
+    views_of_good_images,
+    with_labelled_defects,
 )
+from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
 
 ALL_OFF = dict(
     rotations=False,
@@ -203,3 +206,25 @@ def test_with_labelled_defects_extends_the_validation_set():
     np.testing.assert_array_equal(merged.defect_shot, [-1, -1, -1] + [0] * per_shot + [1] * per_shot)
     np.testing.assert_array_equal(merged.mask_known, [True] * (3 + per_shot) + [False] * per_shot)
     assert with_labelled_defects(base, None, None, config) is base
+
+
+def test_good_images_are_viewed_as_the_labelled_defects_were():
+    """The views a defect's rows are named by are the views of the good images it is compared
+    with: same transform, same name, image-major, the original left out."""
+    config = SupportAugmentationConfig(include_original=True, rot90=True, hflip=True, rotations=False,
+                                       translations=False, grayscale=False, brightness=[], contrast=[])
+    rng = np.random.default_rng(0)
+    defects = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, 1, 2] = 1
+    good = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    base = PseudoAnomalySet(good[:1], good[:1], np.zeros((1, 8, 8), np.uint8), np.array([0]), np.array([-1]))
+    validation = with_labelled_defects(base, defects, masks, config)
+    names = augmentation_names(config, square=True)
+    assert validation.view.tolist() == ["original"] + names * 2
+    views, view_names = views_of_good_images(good, config, ["hflip", "rot90x2", "original"])
+    assert view_names.tolist() == ["rot90x2", "hflip"] * 3
+    np.testing.assert_array_equal(views[0], np.rot90(good[0], 2))
+    np.testing.assert_array_equal(views[5], good[2][:, ::-1])
+    empty, none = views_of_good_images(good, config, ["original"])
+    assert empty.shape == (0, 8, 8, 3) and none.size == 0

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fsad_pipeline.evaluation.metrics import auroc_standard_error, per_defect_type_auroc, rank_auroc, sorted_auroc
+from fsad_pipeline.synthesis.anomalies import ORIGINAL_VIEW
 
 logger = logging.getLogger(__name__)
 
@@ -386,12 +387,32 @@ def _sample_pixels(masks: np.ndarray, rows: np.ndarray, max_pixels: int, seed: i
 
 
 #: Row kinds of the weight search: held-out supports (negatives), synthetic positives, real
-#: (labelled defect) positives, and unseen good images (negatives scored by the fitted scorers).
-NEGATIVE, SYNTHETIC, REAL, UNSEEN = 0, 1, 2, 3
+#: (labelled defect) positives, unseen good images (negatives scored by the fitted scorers), and
+#: *viewed* good images: unseen ones turned, mirrored or recoloured as the labelled defect views
+#: were, the negatives of those views alone.
+NEGATIVE, SYNTHETIC, REAL, UNSEEN, VIEWED = 0, 1, 2, 3, 4
 
 
-def _parts(kinds: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """``(positive kind, negative rows mask)`` per part of the objective, like against like.
+@dataclass(frozen=True)
+class _Part:
+    """One part of the objective: the AUROC of ``kind``'s rows against normals scored like them,
+    the mean over ``strata`` of ``(positive rows, negative rows)`` (like against like)."""
+
+    kind: int
+    strata: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+    def auroc(self, values: np.ndarray) -> float:
+        return float(np.mean([sorted_auroc(np.sort(values[p]), np.sort(values[n])) for p, n in self.strata]))
+
+    def standard_error(self, auroc: float) -> float:
+        """Hanley-McNeil standard error at ``auroc`` per stratum, combined as for a mean of
+        independent strata."""
+        errors = [auroc_standard_error(auroc, int(p.sum()), int(n.sum())) for p, n in self.strata]
+        return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def _parts(kinds: np.ndarray, views: np.ndarray | None = None) -> list[_Part]:
+    """The objective's parts, like against like.
 
     Synthetic anomalies made from the supports are scored as their held-out supports are
     (leave-one-support-out), so they are compared with those; made from unseen good images,
@@ -400,50 +421,67 @@ def _parts(kinds: np.ndarray) -> list[tuple[int, np.ndarray]]:
     compared with unseen good images scored the same way when there are any: a held-out support
     is scored against a bank of k - 1 supports and reads higher than any image scored against
     all k, which made the real part of the bank scorers look worse than they are (KolektorSDD:
-    the anomalous bank 0.30 on its two held-out supports, 0.93 on the test)."""
+    the anomalous bank 0.30 on its two held-out supports, 0.93 on the test).
+
+    With ``views`` (the view name of each row), each view of the labelled defects is compared
+    with good images in the same view (:data:`VIEWED` rows; the original view with the unseen
+    images themselves) and the real part is the mean over views. On an aligned part a turned or
+    mirrored image is unusual in itself to a scorer that knows where things are (DFD, the
+    per-position Gaussian): against upright good images its turned defect views all rank high
+    whether it sees the defect or not (juice_bottle k = 2 seed 1: DFD flagged a defect's
+    half-turned view above every good image but its original view above 30 % of them, and the
+    fusion chose DFD alone: test 0.501 against kNN's 0.844). A view without good images in
+    that view is compared with the unviewed ones."""
     parts = []
     if (kinds == SYNTHETIC).any():  # a validation made from unseen good images has only those as normals
-        parts.append((SYNTHETIC, kinds == NEGATIVE if (kinds == NEGATIVE).any() else kinds == UNSEEN))
-    if (kinds == REAL).any():
-        parts.append((REAL, kinds == UNSEEN if (kinds == UNSEEN).any() else kinds == NEGATIVE))
+        parts.append(_Part(SYNTHETIC, ((kinds == SYNTHETIC, kinds == NEGATIVE if (kinds == NEGATIVE).any() else kinds == UNSEEN),)))
+    real = kinds == REAL
+    if real.any():
+        plain = kinds == UNSEEN if (kinds == UNSEEN).any() else kinds == NEGATIVE
+        if views is None or not (kinds == VIEWED).any():
+            parts.append(_Part(REAL, ((real, plain),)))
+        else:
+            views = np.asarray(views)
+            strata = []
+            for view in dict.fromkeys(views[real].tolist()):  # first-seen order
+                same = (kinds == VIEWED) & (views == view)
+                strata.append((real & (views == view), same if same.any() else plain))
+            parts.append(_Part(REAL, tuple(strata)))
     return parts
 
 
 def _search(
     names: list[str],
     normalised: np.ndarray,
-    labels: np.ndarray,
+    parts: list[_Part],
     vectors: np.ndarray,
     monte_carlo: np.ndarray,
     min_gain: float,
     what: str,
     prefer: str = "simplest",
 ) -> tuple[dict[str, float], dict]:
-    """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``labels`` (n_values,).
+    """Weights for one output kind: ``normalised`` (n_scorers, n_values), ``parts`` over those values.
 
-    ``labels`` are bool (positive or not) or row kinds (:data:`NEGATIVE`, :data:`SYNTHETIC`,
-    :data:`REAL`). The objective is the AUROC of the positives against the negatives; with real
-    positives as well, the mean of the synthetic and the real AUROC, so that the few held-out
-    real defect views weigh as much as the many pseudo-anomalies. Each candidate costs one
-    weighted sum and a sort per kind; the separation is the median positive.
+    The objective is the mean AUROC of the ``parts`` (:func:`_parts`): with real positives as
+    well as synthetic ones, the mean of the synthetic and the real AUROC, so that the few
+    held-out real defect views weigh as much as the many pseudo-anomalies. Each candidate costs
+    one weighted sum and a sort per stratum; the separation is the median positive.
 
     ``prefer``: ``simplest`` takes the fewest scorers within ``min_gain`` of the best objective;
     ``ensemble`` the most scorers within the sampling noise of the best objective (its standard
     error, :func:`objective_standard_error`, at least ``min_gain``) (:func:`select_weights`).
     """
-    kinds = np.asarray(labels).astype(int)
-    parts = _parts(kinds)
-    positives_all = np.flatnonzero(np.isin(kinds, [kind for kind, _ in parts]))
+    positives_all = np.flatnonzero(np.logical_or.reduce([p for part in parts for p, _ in part.strata])) if parts else np.zeros(0, int)
     objectives = np.empty(len(vectors))
     separations = np.full(len(vectors), np.nan)
     for index, vector in enumerate(vectors):
         fused = vector.astype(normalised.dtype) @ normalised
-        objectives[index] = _objective(fused, kinds, parts)
+        objectives[index] = _objective(fused, parts)
         if positives_all.size:
             separations[index] = float(np.median(fused[positives_all]))
     tolerance, margin = float(min_gain), "min_gain"
     if prefer == "ensemble" and np.isfinite(objectives).any():
-        noise = objective_standard_error(float(np.nanmax(objectives)), kinds, parts)
+        noise = objective_standard_error(float(np.nanmax(objectives)), parts)
         if math.isfinite(noise) and noise > tolerance:
             tolerance, margin = noise, "its standard error"
     chosen, reason = select_weights(vectors, monte_carlo, objectives, separations, tolerance, prefer, margin)
@@ -453,7 +491,7 @@ def _search(
         "method": "monte_carlo" if monte_carlo[chosen] else ("equal" if chosen == equal else "subset"),
         "reason": reason,
         "objective": _finite(objectives[chosen]),
-        "objective_parts": ["synthetic" if kind == SYNTHETIC else "real" for kind, _ in parts],
+        "objective_parts": ["synthetic" if part.kind == SYNTHETIC else "real" for part in parts],
         "best_objective": _finite(np.nanmax(objectives)) if np.isfinite(objectives).any() else None,
         "equal_objective": _finite(objectives[equal]),
         "separation": _finite(separations[chosen]),
@@ -486,7 +524,7 @@ def admit_specialists(
     specialists: Sequence[str],
     names: list[str],
     normalised: np.ndarray,
-    kinds: np.ndarray,
+    parts: list[_Part],
 ) -> tuple[dict[str, float], dict]:
     """The image-score weights with each *specialist* added where the labelled defects say so.
 
@@ -505,25 +543,21 @@ def admit_specialists(
     a specialist gets weight 0. The standard error counts each view as a positive, though the
     views of one defect are correlated (k_defect_shots defects, several views each): the margin
     is narrower than the true noise, which leans towards leaving a specialist out.
-    ``normalised`` (len(names), N) are the validation image scores, ``kinds`` the row kinds.
+    ``normalised`` (len(names), N) are the validation image scores, ``parts`` their objective's
+    parts (:func:`_parts`; the real one, view by view, is what counts here).
     """
     weights = {n: float(weights.get(n, 0.0)) for n in names}
-    negatives = dict(_parts(kinds)).get(REAL)
-    if negatives is None:
+    part = next((p for p in parts if p.kind == REAL), None)
+    if part is None:
         for name in specialists:
             weights[name] = 0.0
         logger.info("fusion: no labelled defect views in the validation; %s left out of the image score", list(specialists))
         return weights, {"reason": "no labelled defect views in the validation", "admitted": []}
-    real = kinds == REAL
-
-    def labelled_auroc(values: np.ndarray) -> float:
-        return sorted_auroc(np.sort(values[real]), np.sort(values[negatives]))
-
-    mix = labelled_auroc(np.asarray([weights[n] for n in names]) @ normalised)
-    tolerance = auroc_standard_error(mix, int(real.sum()), int(negatives.sum()))
+    mix = part.auroc(np.asarray([weights[n] for n in names]) @ normalised)
+    tolerance = part.standard_error(mix)
     record: dict = {"mix_auroc_labelled_views": _finite(mix), "tolerance": _finite(tolerance), "scorers": {}, "admitted": []}
     for name in specialists:
-        own = labelled_auroc(normalised[names.index(name)])
+        own = part.auroc(normalised[names.index(name)])
         admitted = math.isfinite(own) and math.isfinite(mix) and own > mix - (tolerance if math.isfinite(tolerance) else 0.0)
         record["scorers"][name] = {"auroc_labelled_views": _finite(own), "admitted": bool(admitted)}
         if admitted:
@@ -552,23 +586,23 @@ def with_equal_shares(weights: Mapping[str, float], joining: Sequence[str]) -> d
     return weights
 
 
-def objective_standard_error(objective: float, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
+def objective_standard_error(objective: float, parts: list[_Part]) -> float:
     """Sampling noise of an objective (the mean of its parts' AUROCs): each part's Hanley-McNeil
     standard error at that AUROC and its own counts, combined as for a mean of independent parts."""
-    errors = [auroc_standard_error(objective, int((kinds == kind).sum()), int(negative.sum())) for kind, negative in parts]
+    errors = [part.standard_error(objective) for part in parts]
     return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else float("nan")
 
 
-def _objective(values: np.ndarray, kinds: np.ndarray, parts: list[tuple[int, np.ndarray]]) -> float:
+def _objective(values: np.ndarray, parts: list[_Part]) -> float:
     """The weight search's objective for one value vector: the mean AUROC over its ``parts``
     (:func:`_parts`); NaN without any."""
-    aurocs = [sorted_auroc(np.sort(values[kinds == kind]), np.sort(values[negative])) for kind, negative in parts]
+    aurocs = [part.auroc(values) for part in parts]
     return float(np.mean(aurocs)) if aurocs else float("nan")
 
 
-def _selection_auroc(values: np.ndarray, kinds: np.ndarray) -> float | None:
+def _selection_auroc(values: np.ndarray, parts: list[_Part]) -> float | None:
     """:func:`_objective` of one scorer's scores, JSON-ready."""
-    return _finite(_objective(values, kinds, _parts(kinds)))
+    return _finite(_objective(values, parts))
 
 
 def fit_fusion(
@@ -590,6 +624,7 @@ def fit_fusion(
     in_sample: Sequence[str] = (),
     real: np.ndarray | None = None,
     unseen: np.ndarray | None = None,
+    views: np.ndarray | None = None,
     specialists: Sequence[str] = (),
 ) -> Fusion:
     """Normalisation per scorer plus separate score and map weights, all from validation outputs.
@@ -608,7 +643,10 @@ def fit_fusion(
     normal rows that are good images the scorers were never fitted on, scored by the fitted
     scorers as test images are: when there are any, they set the normalisation (they are what a
     good test image looks like to each scorer) and are the negatives of the real-defect part
-    (:func:`_parts`). ``specialists`` name the scorers built for the labelled defect types only
+    (:func:`_parts`). ``views`` (N,) names the view each row is (:data:`ORIGINAL_VIEW` as taken, else
+    e.g. ``rot90x2`` or ``hflip``): a normal row in another view is a *viewed* good image, only
+    the negative of the real defect views in that same view (not a normal of the normalisation,
+    the synthetic part, the pixels or the reported AUROCs). ``specialists`` name the scorers built for the labelled defect types only
     (the anomalous bank): their image-score weight is decided on the real defect views alone
     (:func:`admit_specialists`), not in the search over the whole validation; their maps are
     weighed with the others' (without validation pixels the maps take the general scorers'
@@ -626,9 +664,12 @@ def fit_fusion(
     labels = np.asarray(labels).astype(int)
     normal = labels == 0
     real = np.zeros(len(labels), bool) if real is None else np.asarray(real, dtype=bool) & (labels == 1)
-    unseen = np.zeros(len(labels), bool) if unseen is None else np.asarray(unseen, dtype=bool) & normal
-    kinds = np.where(normal, np.where(unseen, UNSEEN, NEGATIVE), np.where(real, REAL, SYNTHETIC))
-    reference_normals = unseen if unseen.any() else normal
+    viewed = np.zeros(len(labels), bool) if views is None else normal & (np.asarray(views) != ORIGINAL_VIEW)
+    unseen = np.zeros(len(labels), bool) if unseen is None else np.asarray(unseen, dtype=bool) & normal & ~viewed
+    kinds = np.where(normal, np.where(viewed, VIEWED, np.where(unseen, UNSEEN, NEGATIVE)), np.where(real, REAL, SYNTHETIC))
+    parts = _parts(kinds, views)
+    as_taken = ~viewed  # the rows the reported AUROCs are over
+    reference_normals = unseen if unseen.any() else normal & as_taken
     stats = {
         n: ScoreStats.from_normals(
             validation_outputs[n]["anomaly_map"],
@@ -645,14 +686,14 @@ def fit_fusion(
 
     # Pixel rows: every normal row plus the anomalous rows whose mask is known.
     known = np.ones(len(labels), bool) if mask_known is None else np.asarray(mask_known, dtype=bool)
-    pixel_rows = np.flatnonzero(normal | ((labels == 1) & known))
+    pixel_rows = np.flatnonzero((normal & as_taken) | ((labels == 1) & known))
     pixel_labels = np.zeros(0, bool)
     pixels = np.zeros((len(names), 0), np.float32)
-    pixel_kinds = np.zeros(0, int)
+    pixel_parts: list[_Part] = []
     if masks is not None and pixel_rows.size:
         index, pixel_labels = _sample_pixels(np.asarray(masks), pixel_rows, int(max_pixels), int(seed))
         rows_of_pixels = index // int(np.prod(np.asarray(masks).shape[1:]))
-        pixel_kinds = np.where(~pixel_labels, NEGATIVE, np.where(real[rows_of_pixels], REAL, SYNTHETIC))
+        pixel_parts = _parts(np.where(~pixel_labels, NEGATIVE, np.where(real[rows_of_pixels], REAL, SYNTHETIC)))
         pixels = np.stack(
             [
                 stats[n].normalise_maps(np.asarray(validation_outputs[n]["anomaly_map"]).reshape(-1)[index])
@@ -661,31 +702,32 @@ def fit_fusion(
         )
     has_pixels = bool(pixel_labels.any() and not pixel_labels.all())
 
-    def by_kind(values: np.ndarray, row_kinds: np.ndarray, kind: int) -> float | None:
-        negatives = dict(_parts(row_kinds)).get(kind)
-        if negatives is None:
-            return None
-        rows = negatives | (row_kinds == kind)
-        return _finite(rank_auroc(row_kinds[rows] == kind, values[rows]))
+    def by_kind(values: np.ndarray, kind: int) -> float | None:
+        part = next((p for p in parts if p.kind == kind), None)
+        return None if part is None else _finite(part.auroc(values))
+
+    def image_auroc(values: np.ndarray) -> float | None:
+        return _finite(rank_auroc(labels[as_taken], values[as_taken]))
 
     validation = {
         "scorers": {
             n: {
-                "image_auroc": _finite(rank_auroc(labels, scores[i])),
+                "image_auroc": image_auroc(scores[i]),
                 "pixel_auroc": _finite(rank_auroc(pixel_labels, pixels[i])) if has_pixels else None,
-                **({"image_auroc_synthetic": by_kind(scores[i], kinds, SYNTHETIC),
-                    "image_auroc_real": by_kind(scores[i], kinds, REAL)} if real.any() else {}),
-                "selection_auroc": _selection_auroc(scores[i], kinds),
+                **({"image_auroc_synthetic": by_kind(scores[i], SYNTHETIC),
+                    "image_auroc_real": by_kind(scores[i], REAL)} if real.any() else {}),
+                "selection_auroc": _selection_auroc(scores[i], parts),
             }
             for i, n in enumerate(names)
         },
         "real_defect_rows": int(real.sum()),
         "unseen_normal_rows": int(unseen.sum()),
+        **({"viewed_normal_rows": int(viewed.sum())} if viewed.any() else {}),
         "pixels_sampled": int(pixel_labels.size),
         "pixel_rows": int(pixel_rows.size if masks is not None else 0),
     }
     equal = {n: 1.0 / len(names) for n in names}
-    single_class = labels.min(initial=1) == labels.max(initial=0)
+    single_class = labels[as_taken].min(initial=1) == labels[as_taken].max(initial=0)
     if len(names) == 1 or not search or single_class:
         reason = "single scorer" if len(names) == 1 else "search off" if not search else "single-class validation"
         record = {"method": "equal", "reason": reason}
@@ -706,14 +748,14 @@ def fit_fusion(
             _candidates(general, int(n_trials), int(seed), in_sample) if present else (vectors, monte_carlo)
         )
         general_weights, score_record = _search(
-            general, scores[rows], kinds, general_vectors, general_monte_carlo, float(min_gain), "score",
+            general, scores[rows], parts, general_vectors, general_monte_carlo, float(min_gain), "score",
             prefer=score_preference,
         )
         score_weights = {n: general_weights.get(n, 0.0) for n in names}
         if present:
-            score_weights, score_record["specialists"] = admit_specialists(score_weights, present, names, scores, kinds)
+            score_weights, score_record["specialists"] = admit_specialists(score_weights, present, names, scores, parts)
         if has_pixels:
-            map_weights, map_record = _search(names, pixels, pixel_kinds, vectors, monte_carlo, float(min_gain), "map")
+            map_weights, map_record = _search(names, pixels, pixel_parts, vectors, monte_carlo, float(min_gain), "map")
         else:
             map_weights = with_equal_shares({n: general_weights.get(n, 0.0) for n in names}, present)
             map_record = {
@@ -726,10 +768,10 @@ def fit_fusion(
     fused_scores = np.asarray([fusion.score_weights[n] for n in names]) @ scores
     fused_pixels = np.asarray([fusion.map_weights[n] for n in names], np.float32) @ pixels
     validation["fused"] = {
-        "image_auroc": _finite(rank_auroc(labels, fused_scores)),
+        "image_auroc": image_auroc(fused_scores),
         "pixel_auroc": _finite(rank_auroc(pixel_labels, fused_pixels)) if has_pixels else None,
-        **({"image_auroc_synthetic": by_kind(fused_scores, kinds, SYNTHETIC),
-            "image_auroc_real": by_kind(fused_scores, kinds, REAL)} if real.any() else {}),
+        **({"image_auroc_synthetic": by_kind(fused_scores, SYNTHETIC),
+            "image_auroc_real": by_kind(fused_scores, REAL)} if real.any() else {}),
     }
     if fused_pixels.size:
         # Heat-map colour scale: from the normals' high tail to the typical anomalous pixel.
@@ -739,7 +781,10 @@ def fit_fusion(
             float(np.quantile(anomalous, DISPLAY_ANOMALY_QUANTILE)),
         ]
     if families is not None:
-        validation["per_family"] = _per_family(labels, families, {**dict(zip(names, scores)), "fused": fused_scores})
+        validation["per_family"] = _per_family(
+            labels[as_taken], np.asarray(families)[as_taken],
+            {**dict(zip(names, scores[:, as_taken])), "fused": fused_scores[as_taken]},
+        )
     return fusion
 
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # the family module imports this one (it reuses the Perlin pa
 #: ``PseudoAnomalySet.family`` of label-0 rows, of real labelled defect views, and of synthetic
 #: anomalies of a set saved before families existed (the DFD Perlin paste).
 NORMAL_FAMILY, REAL_FAMILY, DEFAULT_FAMILY = "normal", "real", "perlin"
+#: ``view`` of a row shown as it was made (not turned, mirrored or recoloured afterwards).
+ORIGINAL_VIEW = "original"
 
 
 def blend_anomaly(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
@@ -149,6 +151,9 @@ class PseudoAnomalySet:
     ``family`` names how each row was made (a str array): ``"normal"`` for label 0, ``"real"``
     for labelled defect views, else the defect family (``"perlin"``, ``"scratch"``, ...). Left
     out, it is derived from the labels: synthetic anomalies are then the DFD ``"perlin"`` paste.
+    ``view`` names the view of a labelled defect row (``"original"``, ``"rot90x2"``, ``"hflip"``,
+    ...: :func:`~fsad_pipeline.synthesis.support_augmentation.augmentation_names`); every other
+    row is ``"original"``.
     """
 
     normals: np.ndarray  # (M, H, W, 3) uint8
@@ -159,6 +164,7 @@ class PseudoAnomalySet:
     defect_shot: np.ndarray | None = None  # (M,) int64, −1 for synthetic rows
     mask_known: np.ndarray | None = None  # (M,) bool
     family: np.ndarray | None = None  # (M,) str
+    view: np.ndarray | None = None  # (M,) str
 
     def __post_init__(self) -> None:
         count = int(np.asarray(self.labels).shape[0])
@@ -171,6 +177,7 @@ class PseudoAnomalySet:
             real = np.asarray(self.defect_shot) >= 0
             self.family = np.where(labels == 0, NORMAL_FAMILY, np.where(real, REAL_FAMILY, DEFAULT_FAMILY))
         self.family = np.asarray(self.family, dtype=str)
+        self.view = np.full(count, ORIGINAL_VIEW) if self.view is None else np.asarray(self.view, dtype=str)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -182,7 +189,7 @@ class PseudoAnomalySet:
 
     def concat(self, other: PseudoAnomalySet) -> PseudoAnomalySet:
         """Rows of ``self`` followed by the rows of ``other``."""
-        fields = ("normals", "images", "masks", "labels", "source_index", "defect_shot", "mask_known", "family")
+        fields = ("normals", "images", "masks", "labels", "source_index", "defect_shot", "mask_known", "family", "view")
         return PseudoAnomalySet(
             **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in fields}
         ).validate()
@@ -219,6 +226,8 @@ class PseudoAnomalySet:
             raise ValueError(f"family must be a ({count},) str array")
         if not np.array_equal(self.family == NORMAL_FAMILY, self.labels == 0):
             raise ValueError(f"family must be {NORMAL_FAMILY!r} exactly on the label-0 rows")
+        if not isinstance(self.view, np.ndarray) or self.view.dtype.kind != "U" or self.view.shape != (count,):
+            raise ValueError(f"view must be a ({count},) str array")
         return self
 
 

@@ -12,14 +12,14 @@ Geometric warps use reflection padding (``BORDER_REFLECT_101``), never black bor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import cv2
 import numpy as np
 
-from .anomalies import PseudoAnomalySet
+from .anomalies import ORIGINAL_VIEW, PseudoAnomalySet
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _transforms(config: SupportAugmentationConfig, square: bool = True) -> Itera
     intensities (a mask stays as it is).
     """
     if config.include_original:
-        yield "original", lambda image: image.copy(), True
+        yield ORIGINAL_VIEW, lambda image: image.copy(), True
     if config.rotations:
         for angle in ROTATION_ANGLES:
             yield f"rotate{_format(angle)}", lambda image, angle=angle: rotate(image, angle), True
@@ -267,6 +267,7 @@ def with_labelled_defects(
         return validation
     views, view_masks, shot_index = augment_labelled_defects(defect_images, defect_masks, config)
     count = len(views)
+    names = augmentation_names(config, square=views.shape[1] == views.shape[2])
     masks = np.zeros(views.shape[:3], dtype=np.uint8) if view_masks is None else view_masks
     known = masks.reshape(count, -1).max(axis=1) > 0
     masks[~known] = 0
@@ -278,5 +279,20 @@ def with_labelled_defects(
         source_index=np.full(count, -1, dtype=np.int64),
         defect_shot=shot_index,
         mask_known=known,
+        view=np.tile(np.asarray(names, dtype=str), len(defect_images)),
     )
     return validation.concat(extra)
+
+
+def views_of_good_images(images: np.ndarray, config: SupportAugmentationConfig, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``names`` views (other than the original) of good images (n, H, W, 3), as the labelled
+    defects' views were made (:func:`augment_labelled_defects`): ``(views (m, H, W, 3), view names (m,))``,
+    image-major. They are the negatives a defect view is compared with in the fusion's validation."""
+    images = np.asarray(images)
+    square = images.shape[1] == images.shape[2]
+    wanted = set(names) - {ORIGINAL_VIEW}
+    transforms = [(name, transform) for name, transform, _ in _transforms(config, square) if name in wanted]
+    if not len(images) or not transforms:
+        return np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, dtype=str)
+    views = np.stack([transform(image) for image in images for _, transform in transforms])
+    return views, np.tile(np.asarray([name for name, _ in transforms], dtype=str), len(images))

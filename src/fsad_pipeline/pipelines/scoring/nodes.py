@@ -17,7 +17,8 @@ from fsad_pipeline.scoring.dfd_scorer import DFDScorer, score_held_out_in_chunks
 from fsad_pipeline.scoring.ensemble import assemble, build_winclip, score_in_chunks
 from fsad_pipeline.scoring.fusion import Fusion, fit_fusion
 from fsad_pipeline.scoring.patch_scorers import PatchScorerSet
-from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
+from fsad_pipeline.synthesis.anomalies import ORIGINAL_VIEW, PseudoAnomalySet
+from fsad_pipeline.synthesis.support_augmentation import SupportAugmentationConfig, views_of_good_images
 
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ FUSION_OPTIONS = (
     "search", "n_trials", "min_gain", "score_preference", "normal_quantile", "normal_pixel_quantile", "score_scale",
     "max_pixels", "specialists",
 )
-#: The fusion validation's row arrays extended by the unseen good images.
+#: The outputs of every scorer per validation row.
 _OUTPUT_KEYS = ("anomaly_map", "pred_score")
 
 
@@ -46,7 +47,7 @@ def _ensemble(dfd_model, patch_scorers, support_images, winclip, image_size, dev
 @dataclass(frozen=True)
 class _ValidationRows:
     """The per-row arrays the weight search reads: the fusion validation set's, extended by
-    unseen good images (label 0, an empty known mask, family "normal")."""
+    unseen good images (label 0, an empty known mask, family "normal") and by views of them."""
 
     labels: np.ndarray
     masks: np.ndarray | None
@@ -54,19 +55,25 @@ class _ValidationRows:
     families: np.ndarray | None
     real: np.ndarray
     unseen: np.ndarray
+    views: np.ndarray
 
     @classmethod
     def of(cls, validation: PseudoAnomalySet) -> _ValidationRows:
         """The set's rows; its normals are unseen good images when it was made from them."""
         return cls(validation.labels, validation.masks, validation.mask_known, getattr(validation, "family", None),
-                   validation.defect_shot >= 0, validation.from_unseen & (validation.labels == 0))
+                   validation.defect_shot >= 0, validation.from_unseen & (validation.labels == 0), validation.view)
 
-    def with_unseen(self, n: int) -> _ValidationRows:
+    def with_good(self, views: np.ndarray) -> _ValidationRows:
+        """These rows followed by good images in ``views`` (``"original"``: unseen ones as taken)."""
+        n = len(views)
+
         def extend(array: np.ndarray | None, value) -> np.ndarray | None:
             return None if array is None else np.concatenate([array, np.full((n, *array.shape[1:]), value, array.dtype)])
 
         return _ValidationRows(extend(self.labels, 0), extend(self.masks, 0), extend(self.mask_known, True),
-                               extend(self.families, "normal"), extend(self.real, False), extend(self.unseen, True))
+                               extend(self.families, "normal"), extend(self.real, False),
+                               np.concatenate([self.unseen, np.asarray(views) == ORIGINAL_VIEW]),
+                               np.concatenate([self.views, np.asarray(views, dtype=self.views.dtype)]))
 
 
 def fit_score_fusion(
@@ -116,15 +123,22 @@ def fit_score_fusion(
     )
     rows = _ValidationRows.of(fusion_validation)
     made_from_unseen = bool(rows.unseen.any())
+    good = fusion_validation.images[rows.unseen]
     if unseen_paths and not made_from_unseen:
         logger.info("fusion: %d unseen good images of the pool as validation normals", len(unseen_paths))
-        images = load_images(unseen_paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
-        extra = score_in_chunks(full, images)
-        outputs = {
-            name: {key: np.concatenate([outputs[name][key], extra[name][key]]) for key in _OUTPUT_KEYS}
-            for name in outputs
-        }
-        rows = rows.with_unseen(len(images))
+        good = load_images(unseen_paths, as_hw(image_size), max_pixels=int(data["max_pixels"]))
+        outputs = _appended(outputs, score_in_chunks(full, good))
+        rows = rows.with_good(np.full(len(good), ORIGINAL_VIEW))
+    # Each turned or mirrored view of the labelled defects is compared with the same view of the
+    # unseen good images (fit_fusion's ``views``): upright good images alone would credit a
+    # scorer that flags any turned image of an aligned part.
+    other_views = sorted(set(rows.views[rows.real].tolist()) - {ORIGINAL_VIEW})
+    good = good[: int(fusion.get("viewed_normals", 0))]
+    if other_views and len(good):
+        viewed, names = views_of_good_images(good, SupportAugmentationConfig.from_dict(fusion["defect_views"]), other_views)
+        logger.info("fusion: %d unseen good images in the labelled defects' views %s", len(good), other_views)
+        outputs = _appended(outputs, score_in_chunks(full, viewed))
+        rows = rows.with_good(names)
     options = {key: fusion[key] for key in FUSION_OPTIONS if key in fusion}  # absent: fit_fusion's defaults
     # Whether a scorer's validation normals were kept out of what it was fitted on: the patch
     # scorers score them leave-one-support-out (k >= 2) and a cross-fitted DFD by the member
@@ -146,6 +160,7 @@ def fit_score_fusion(
         in_sample=[] if fusion.get("in_sample_alone", False) else [n for n, held in held_out.items() if not held],
         real=rows.real,
         unseen=rows.unseen,
+        views=rows.views,
         **options,
     )
     calibration_scores = None
@@ -167,6 +182,11 @@ def fit_score_fusion(
         }
     )
     return {**record, "threshold": decision, "scorers": fitted.scorers}
+
+
+def _appended(outputs: dict, extra: dict) -> dict:
+    """Each scorer's validation outputs followed by its ``extra`` rows."""
+    return {name: {key: np.concatenate([outputs[name][key], extra[name][key]]) for key in _OUTPUT_KEYS} for name in outputs}
 
 
 def calibrate_decision(
