@@ -401,6 +401,11 @@ class _Part:
     kind: int
     strata: tuple[tuple[np.ndarray, np.ndarray], ...]
 
+    @property
+    def positives(self) -> np.ndarray:
+        """The rows that are positives in any stratum."""
+        return np.logical_or.reduce([positives for positives, _ in self.strata])
+
     def auroc(self, values: np.ndarray) -> float:
         return float(np.mean([sorted_auroc(np.sort(values[p]), np.sort(values[n])) for p, n in self.strata]))
 
@@ -409,6 +414,11 @@ class _Part:
         independent strata."""
         errors = [auroc_standard_error(auroc, int(p.sum()), int(n.sum())) for p, n in self.strata]
         return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def _part_of(parts: list[_Part], kind: int) -> _Part | None:
+    """The part of ``kind`` (:data:`SYNTHETIC` or :data:`REAL`), ``None`` without one."""
+    return next((part for part in parts if part.kind == kind), None)
 
 
 def _parts(kinds: np.ndarray, views: np.ndarray | None = None) -> list[_Part]:
@@ -434,7 +444,8 @@ def _parts(kinds: np.ndarray, views: np.ndarray | None = None) -> list[_Part]:
     that view is compared with the unviewed ones."""
     parts = []
     if (kinds == SYNTHETIC).any():  # a validation made from unseen good images has only those as normals
-        parts.append(_Part(SYNTHETIC, ((kinds == SYNTHETIC, kinds == NEGATIVE if (kinds == NEGATIVE).any() else kinds == UNSEEN),)))
+        negatives = kinds == NEGATIVE if (kinds == NEGATIVE).any() else kinds == UNSEEN
+        parts.append(_Part(SYNTHETIC, ((kinds == SYNTHETIC, negatives),)))
     real = kinds == REAL
     if real.any():
         plain = kinds == UNSEEN if (kinds == UNSEEN).any() else kinds == NEGATIVE
@@ -471,7 +482,7 @@ def _search(
     ``ensemble`` the most scorers within the sampling noise of the best objective (its standard
     error, :func:`objective_standard_error`, at least ``min_gain``) (:func:`select_weights`).
     """
-    positives_all = np.flatnonzero(np.logical_or.reduce([p for part in parts for p, _ in part.strata])) if parts else np.zeros(0, int)
+    positives_all = np.flatnonzero(np.logical_or.reduce([part.positives for part in parts])) if parts else np.zeros(0, int)
     objectives = np.empty(len(vectors))
     separations = np.full(len(vectors), np.nan)
     for index, vector in enumerate(vectors):
@@ -547,7 +558,7 @@ def admit_specialists(
     parts (:func:`_parts`; the real one, view by view, is what counts here).
     """
     weights = {n: float(weights.get(n, 0.0)) for n in names}
-    part = next((p for p in parts if p.kind == REAL), None)
+    part = _part_of(parts, REAL)
     if part is None:
         for name in specialists:
             weights[name] = 0.0
@@ -703,7 +714,7 @@ def fit_fusion(
     has_pixels = bool(pixel_labels.any() and not pixel_labels.all())
 
     def by_kind(values: np.ndarray, kind: int) -> float | None:
-        part = next((p for p in parts if p.kind == kind), None)
+        part = _part_of(parts, kind)
         return None if part is None else _finite(part.auroc(values))
 
     def image_auroc(values: np.ndarray) -> float | None:
