@@ -505,6 +505,29 @@ def test_a_specialist_named_by_a_bare_string_is_one_name_and_without_pixels_its_
     assert as_string.search["scores"]["specialists"]["scorers"]["bank"]["admitted"] is False
 
 
+def test_a_specialist_map_joins_the_general_map_mix_whatever_the_validation_pixels_say():
+    """The specialist's map is noise on every validation pixel (pseudo-anomalies are not its
+    defect types, and each labelled view is scored without its own shot): weighed with the others
+    (``search``) it is left out; by default (``join``) the general maps are weighed without it and
+    it joins them at an equal share, while the image-score weights stay as the specialist rule
+    set them."""
+    outputs, labels, real, unseen = _specialist_case(1, bank_on_real=-2.0)
+    rng = np.random.default_rng(5)
+    masks = _defect_masks(labels)
+    outputs["general"]["anomaly_map"] = _localising_maps(masks, rng, 0.5)
+    outputs["bank"]["anomaly_map"] = rng.standard_normal(masks.shape).astype(np.float32)
+    options = dict(n_trials=0, seed=0, real=real, unseen=unseen, specialists=["bank"])
+    searched = fit_fusion(outputs, labels, masks, specialist_maps="search", **options)
+    assert searched.map_weights == {"general": 1.0, "bank": 0.0}
+    joined = fit_fusion(outputs, labels, masks, **options)
+    assert joined.map_weights == {"general": 0.5, "bank": 0.5}
+    assert joined.score_weights == searched.score_weights == {"general": 1.0, "bank": 0.0}
+    assert joined.search["maps"]["specialists"]["joined"] == ["bank"]
+    assert all("bank" not in subset["scorers"] for subset in joined.search["maps"]["subsets"])
+    with pytest.raises(ValueError, match="specialist_maps"):
+        fit_fusion(outputs, labels, masks, specialist_maps="always", **options)
+
+
 def test_with_equal_shares_scales_the_weighted_scorers_and_adds_the_joining_ones():
     from fsad_pipeline.scoring.fusion import with_equal_shares
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # Keys of the ``fusion`` parameters passed on to ``fit_fusion`` (``defect_views`` is the memory_bank stage's).
 FUSION_OPTIONS = (
     "search", "n_trials", "min_gain", "score_preference", "normal_quantile", "normal_pixel_quantile", "score_scale",
-    "max_pixels", "specialists",
+    "max_pixels", "specialists", "specialist_maps",
 )
 #: The outputs of every scorer per validation row.
 _OUTPUT_KEYS = ("anomaly_map", "pred_score")
