@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -155,3 +155,36 @@ def score_paths(
         "seconds": seconds,
         "images_per_second": len(paths) / seconds if seconds > 0 else float("nan"),
     }
+
+
+def fused_scores_of_paths(
+    ensemble: ScorerEnsemble,
+    paths: Sequence[str],
+    *,
+    chunk_size: int = 32,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """The fused image score (N,) of each file, running only what that score reads.
+
+    The threshold's calibration images need nothing else: no maps, no scorer the fusion gives no
+    image-score weight. An image scorer without weight is skipped; the patch scorers run together
+    (one feature pass and one search serve them all) when any of them has weight. The scores are
+    those :func:`score_paths` gives (the same reading, the same scorers for what is weighted).
+    On the default run the fusion's image score is DFD alone, so the 100 calibration images skip
+    the memory-bank features and the search; where it is kNN alone they skip DFD.
+    """
+    fusion = ensemble.fusion
+    if fusion is None:
+        raise ValueError("the ensemble needs its fusion before scoring")
+    weighted = {name for name, weight in fusion.score_weights.items() if weight}
+    lean = replace(
+        ensemble,
+        image_scorers={name: s for name, s in ensemble.image_scorers.items() if name in weighted},
+        patch_scorers=ensemble.patch_scorers if weighted & set(ensemble.patch_scorers) else {},
+        fusion=replace(fusion, map_weights={name: 0.0 for name in fusion.map_weights}),
+    )
+    scores = np.zeros(len(paths), dtype=np.float32)
+    for chunk in iter_scored_chunks(lean, paths, chunk_size=chunk_size, max_pixels=max_pixels, progress=progress):
+        scores[chunk.indices] = chunk.fused["pred_score"]
+    return scores

@@ -11,7 +11,7 @@ import pandas as pd
 from fsad_pipeline.data.geometry import as_hw
 from fsad_pipeline.data.sampling import defect_shot_paths, evaluation_set, load_images, unseen_good_paths
 from fsad_pipeline.models.features import select_device
-from fsad_pipeline.scoring.batch import score_paths
+from fsad_pipeline.scoring.batch import fused_scores_of_paths, score_paths
 from fsad_pipeline.scoring.calibration import calibrate_threshold
 from fsad_pipeline.scoring.dfd_scorer import DFDScorer, score_held_out_in_chunks
 from fsad_pipeline.scoring.ensemble import assemble, build_winclip, score_in_chunks
@@ -166,7 +166,7 @@ def fit_score_fusion(
     calibration_scores = None
     if calibration:
         full.fusion = fitted
-        calibration_scores = score_paths(full, calibration, max_pixels=int(data["max_pixels"]))["pred_scores"]
+        calibration_scores = fused_scores_of_paths(full, calibration, max_pixels=int(data["max_pixels"]))
     decision = calibrate_decision(
         fitted.fuse(outputs)["pred_score"][: len(fusion_validation.labels)], fusion_validation, calibration_scores,
         method=threshold["method"], target_false_alarm_rate=float(threshold["target_false_alarm_rate"]),
