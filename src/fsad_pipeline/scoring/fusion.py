@@ -784,24 +784,25 @@ def fit_fusion(
         score_weights = {n: general_weights.get(n, 0.0) for n in names}
         if present:
             score_weights, score_record["specialists"] = admit_specialists(score_weights, present, names, scores, parts)
-        if has_pixels and present and specialist_maps == "join":
-            # The general scorers' maps are weighed on the validation pixels, every specialist's
-            # map then joins at an equal share (SPECIALIST_MAPS says why).
-            general_map_weights, map_record = _search(
-                general, pixels[rows], pixel_parts, general_vectors, general_monte_carlo, float(min_gain), "map"
-            )
-            map_weights = with_equal_shares({n: general_map_weights.get(n, 0.0) for n in names}, present)
-            map_record["specialists"] = {"joined": present, "reason": "every specialist's map joins at an equal share"}
-            logger.info("fusion map weights with specialists %s: %s", map_weights, map_record["specialists"]["reason"])
-        elif has_pixels:
+        if has_pixels and not (present and specialist_maps == "join"):
             map_weights, map_record = _search(names, pixels, pixel_parts, vectors, monte_carlo, float(min_gain), "map")
         else:
-            map_weights = with_equal_shares({n: general_weights.get(n, 0.0) for n in names}, present)
-            map_record = {
-                "method": "follow_scores",
-                "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
-                "weights, every specialist at an equal share",
-            }
+            # The general scorers' map weights (searched on the validation pixels, else their
+            # image-score weights); every specialist's map then joins at an equal share.
+            if has_pixels:
+                general_map_weights, map_record = _search(
+                    general, pixels[rows], pixel_parts, general_vectors, general_monte_carlo, float(min_gain), "map"
+                )
+                map_record["specialists"] = {"joined": present, "reason": "every specialist's map joins at an equal share"}
+                logger.info("fusion map specialists %s: %s (SPECIALIST_MAPS says why)", present, map_record["specialists"]["reason"])
+            else:
+                general_map_weights = general_weights
+                map_record = {
+                    "method": "follow_scores",
+                    "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
+                    "weights, every specialist at an equal share",
+                }
+            map_weights = with_equal_shares({n: general_map_weights.get(n, 0.0) for n in names}, present)
         fusion = Fusion(stats, score_weights, map_weights, {"scores": score_record, "maps": map_record}, validation)
 
     fused_scores = np.asarray([fusion.score_weights[n] for n in names]) @ scores
