@@ -115,3 +115,24 @@ def test_the_node_classifies_in_chunks_with_the_same_result(tmp_path, monkeypatc
     pd.testing.assert_frame_equal(whole, chunked)
     assert not whole["classified"].iloc[2] and whole["pred_defect_type"].iloc[2] == ""
     assert (whole["pred_defect_type"][whole["classified"]] != "").all()
+
+
+def test_pseudo_class_residuals_in_chunks_equal_one_pass():
+    """The pretraining residuals are taken a few feature batches at a time (the run's peak memory
+    was the whole float32 feature tensor and its difference); the result is the one-pass one."""
+    import torch
+
+    from fsad_pipeline.classification import defect_types
+    from fsad_pipeline.models.defect_classifier import paired_residuals
+
+    rng = np.random.default_rng(2)
+    support, images = _normal(rng, 2), _defects(rng, 11, (250, 20, 20), 12)
+    source_index = [index % 2 for index in range(len(images))]
+    extractor = FEATURES.build_extractor()
+    common = dict(image_size=64, batch_size=2, device="cpu", dual_path=False)
+    sources = extract_features(extractor, support, progress=False, **common)
+    one_pass = paired_residuals(extract_features(extractor, images, progress=False, **common), sources, source_index)
+    chunked = defect_types._pseudo_class_residuals(extractor, images, sources, source_index, common, progress=False)
+    assert chunked.dtype == torch.float16 and chunked.shape == one_pass.shape  # 11 images: chunks of 8 and 3
+    torch.testing.assert_close(chunked, one_pass.to(torch.float16), rtol=0, atol=0)
+    assert defect_types.RESIDUAL_CHUNK_BATCHES * common["batch_size"] < len(images)
