@@ -27,7 +27,7 @@ then equal weights over Monte-Carlo ones, then the highest objective, then the l
 separation (median normalised anomalous score, or anomalous pixel value, in units of the
 normals' spread). When validation saturates (every scorer at AUROC 1) the fusion therefore
 ends up on one scorer: the one that separates the anomalies farthest from the normals. Image
-scores may instead prefer the *ensemble* (``score_preference: ensemble``, the project default):
+scores take the same rule (``score_preference: simplest``, the project default) or prefer the *ensemble* (``ensemble``):
 every candidate within the validation's standard error of the best is eligible and the one with
 the most scorers wins, except that a scorer clearly worse alone joins only a mix that does at
 least as well as the best single scorer (:func:`select_weights`). A *specialist* (the anomalous
