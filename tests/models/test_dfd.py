@@ -14,6 +14,7 @@ from fsad_pipeline.models.dfd import (
     PerlinDiscriminator,
     default_num_heads,
     gaussian_loss,
+    linear_norm_act,
     perlin_image_loss,
     perlin_loss,
     perlin_pixel_loss,
@@ -173,3 +174,27 @@ def test_similarity_loss_values() -> None:
     one_patch = torch.zeros(2, 16, 16)
     one_patch[0, 1, 2] = 1.0
     assert similarity_loss(features, augmented, one_patch).item() == pytest.approx(1.0)
+
+
+def test_eval_mode_folds_batch_norm_into_the_linear_and_keeps_the_outputs() -> None:
+    """Scoring runs Linear → BatchNorm1d → LeakyReLU as one affine map (running statistics folded
+    in) and an in-place activation: the same logits as the three modules to float rounding, and
+    training mode (batch statistics) untouched."""
+    torch.manual_seed(0)
+    model = DFDModel(32, (4, 4))
+    for norm in (model.gaussian.body[1], model.perlin.embed[1]):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.normal_()
+    tokens = torch.randn(48, 32)
+    model.eval()
+    with torch.inference_mode():
+        plain = model.gaussian.tail(model.gaussian.body(tokens)).squeeze(-1)
+        torch.testing.assert_close(model.gaussian(tokens), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear_norm_act(model.perlin.embed, tokens), model.perlin.embed(tokens), rtol=1e-5, atol=1e-5)
+    model.train()
+    torch.manual_seed(1)
+    trained = model.gaussian(tokens)
+    torch.testing.assert_close(trained, model.gaussian.tail(model.gaussian.body(tokens)).squeeze(-1), rtol=0, atol=0)
+    assert model.gaussian.body[1].num_batches_tracked.item() == 2  # batch statistics were used (and tracked)
