@@ -272,6 +272,15 @@ def _conv_batch_norm_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Conv2d,
     return pairs
 
 
+def batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as the per-channel affine map ``x·scale + shift`` of its running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale, shift
+
+
 def fold_conv_batch_norms(model: nn.Module) -> int:
     """Fold each eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it (in place).
 
@@ -282,10 +291,7 @@ def fold_conv_batch_norms(model: nn.Module) -> int:
     pairs = _conv_batch_norm_pairs(model)
     for parent, conv, bn_name, bn in pairs:
         with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            scale, shift = batch_norm_affine(bn)
             bias = shift if conv.bias is None else shift + conv.bias * scale
             weight = conv.weight * scale.view(-1, 1, 1, 1)
             if conv.weight.is_contiguous(memory_format=torch.channels_last):

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsad_pipeline.models.backbones import batch_norm_affine
+
 # Architecture constants of the reference (not training hyperparameters).
 LEAKY_RELU_SLOPE = 0.2  # LeakyReLU slope in both discriminators
 VIT_LAYER_NORM_EPS = 1e-6  # timm ViT LayerNorm epsilon
@@ -87,10 +89,9 @@ def linear_norm_act(block: nn.Sequential, tokens: Tensor) -> Tensor:
     linear, norm, act = block
     if block.training or not isinstance(norm, nn.BatchNorm1d) or norm.running_var is None:
         return block(tokens)
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    weight = linear.weight * scale[:, None]
-    bias = (linear.bias - norm.running_mean) * scale + norm.bias
-    return F.leaky_relu_(torch.addmm(bias, tokens, weight.t()), act.negative_slope)
+    scale, shift = batch_norm_affine(norm)
+    bias = shift if linear.bias is None else shift + linear.bias * scale
+    return F.leaky_relu_(torch.addmm(bias, tokens, (linear.weight * scale[:, None]).t()), act.negative_slope)
 
 
 class GaussianDiscriminator(nn.Module):
