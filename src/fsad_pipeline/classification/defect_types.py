@@ -234,16 +234,11 @@ def _pseudo_class_residuals(
     batch_size = int(common["batch_size"])
     chunk = batch_size * RESIDUAL_CHUNK_BATCHES
     index = np.asarray(source_index)
-    residuals: Tensor | None = None
+    residuals = torch.empty((len(images), *source_features.shape[1:]), dtype=torch.float16)
     for start in tqdm(range(0, len(images), chunk), desc="features (pseudo classes)", disable=not progress, unit="chunk"):
         stop = min(start + chunk, len(images))
         features = extract_features(extractor, images[start:stop], progress=False, **common)
-        part = paired_residuals(features, source_features, index[start:stop]).to(torch.float16)
-        if residuals is None:
-            residuals = torch.empty((len(images), *part.shape[1:]), dtype=torch.float16)
-        residuals[start:stop] = part
-    if residuals is None:
-        raise ValueError("no pseudo-class images to pretrain on")
+        residuals[start:stop] = paired_residuals(features, source_features, index[start:stop])
     return residuals
 
 

@@ -784,25 +784,24 @@ def fit_fusion(
         score_weights = {n: general_weights.get(n, 0.0) for n in names}
         if present:
             score_weights, score_record["specialists"] = admit_specialists(score_weights, present, names, scores, parts)
+        # Maps: every scorer searched on the validation pixels; or the general scorers searched
+        # there (else their image-score weights) and every specialist's map joining at an equal share.
         if has_pixels and not (present and specialist_maps == "join"):
             map_weights, map_record = _search(names, pixels, pixel_parts, vectors, monte_carlo, float(min_gain), "map")
-        else:
-            # The general scorers' map weights (searched on the validation pixels, else their
-            # image-score weights); every specialist's map then joins at an equal share.
-            if has_pixels:
-                general_map_weights, map_record = _search(
-                    general, pixels[rows], pixel_parts, general_vectors, general_monte_carlo, float(min_gain), "map"
-                )
-                map_record["specialists"] = {"joined": present, "reason": "every specialist's map joins at an equal share"}
-                logger.info("fusion map specialists %s: %s (SPECIALIST_MAPS says why)", present, map_record["specialists"]["reason"])
-            else:
-                general_map_weights = general_weights
-                map_record = {
-                    "method": "follow_scores",
-                    "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
-                    "weights, every specialist at an equal share",
-                }
+        elif has_pixels:
+            general_map_weights, map_record = _search(
+                general, pixels[rows], pixel_parts, general_vectors, general_monte_carlo, float(min_gain), "map"
+            )
+            map_record["specialists"] = {"joined": present, "reason": "every specialist's map joins at an equal share"}
+            logger.info("fusion map specialists %s: %s (SPECIALIST_MAPS says why)", present, map_record["specialists"]["reason"])
             map_weights = with_equal_shares({n: general_map_weights.get(n, 0.0) for n in names}, present)
+        else:
+            map_record = {
+                "method": "follow_scores",
+                "reason": "no validation pixels with a known defect mask: the general scorers' image-score "
+                "weights, every specialist at an equal share",
+            }
+            map_weights = with_equal_shares({n: general_weights.get(n, 0.0) for n in names}, present)
         fusion = Fusion(stats, score_weights, map_weights, {"scores": score_record, "maps": map_record}, validation)
 
     fused_scores = np.asarray([fusion.score_weights[n] for n in names]) @ scores
