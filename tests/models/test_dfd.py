@@ -198,3 +198,25 @@ def test_eval_mode_folds_batch_norm_into_the_linear_and_keeps_the_outputs() -> N
     trained = model.gaussian(tokens)
     torch.testing.assert_close(trained, model.gaussian.tail(model.gaussian.body(tokens)).squeeze(-1), rtol=0, atol=0)
     assert model.gaussian.body[1].num_batches_tracked.item() == 2  # batch statistics were used (and tracked)
+
+
+def test_scoring_in_bfloat16_autocasts_the_adaptor_and_perlin_path_and_keeps_the_gaussian_in_float32() -> None:
+    """path_logits(compute_dtype=bfloat16) mirrors training under that precision: the adaptor and
+    the Perlin discriminator in bfloat16, the Gaussian discriminator on the float32 copy of the
+    projection; float32 outputs close to the float32 ones."""
+    torch.manual_seed(0)
+    model = DFDModel(32, (4, 4)).eval()
+    features = torch.randn(3, 32, 4, 4)
+    with torch.inference_mode():
+        perlin32, gaussian32 = model.path_logits(features)
+        perlin16, gaussian16 = model.path_logits(features, torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            projected = model.adaptor(features.flatten(2).transpose(1, 2))
+            expected_perlin = model.perlin.forward_tokens(projected).float().reshape(3, 4, 4)
+        expected_gaussian = model.gaussian(projected.float().reshape(-1, 32)).reshape(3, 4, 4)
+    assert perlin16.dtype == gaussian16.dtype == torch.float32
+    torch.testing.assert_close(perlin16, expected_perlin, rtol=0, atol=0)
+    torch.testing.assert_close(gaussian16, expected_gaussian, rtol=0, atol=0)
+    assert not torch.equal(perlin16, perlin32)  # bfloat16 did run
+    torch.testing.assert_close(perlin16, perlin32, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gaussian16, gaussian32, rtol=0.05, atol=0.05)

@@ -239,3 +239,37 @@ def test_cosine_scorer_leave_out_and_save_load(tmp_path) -> None:
     assert loaded.config() == full.config() and loaded.distance == "cosine"
     assert torch.equal(loaded.patch_scores(queries), full.patch_scores(queries))
     assert torch.equal(loaded.image_scores(queries), full.image_scores(queries))
+
+
+def test_a_bfloat16_search_returns_the_exact_float32_neighbours_and_distances() -> None:
+    """precision bf16: the matmul in bfloat16, its BF16_CANDIDATES nearest re-ranked by exact
+    float32 distances: on well-separated data the same neighbours, in the same order, at the same
+    distances as the float32 search (a plain bfloat16 argmin would be off by its rounding)."""
+    from fsad_pipeline.models.memory_bank import BF16_CANDIDATES
+
+    bank, queries = _random((500, 64), 31), _random((200, 64), 32)
+    exact = NearestNeighbourIndex(backend="torch").build(bank)
+    low = NearestNeighbourIndex(backend="torch", precision="bf16", max_chunk_elements=20_000).build(bank)
+    assert exact.candidates(1) == 1 and low.candidates(1) == BF16_CANDIDATES and low.candidates(3) == BF16_CANDIDATES + 2
+    d_exact, i_exact = exact.search(queries, k=3)
+    d_low, i_low = low.search(queries, k=3)
+    assert d_low.shape == (200, 3) and d_low.dtype == torch.float32
+    assert torch.equal(i_low, i_exact)
+    torch.testing.assert_close(d_low, d_exact, atol=1e-6, rtol=0)
+    # the bfloat16 product itself is not exact: re-ranking is what makes the result so
+    approximate = torch.from_numpy(queries) @ torch.from_numpy(bank).T
+    assert not torch.equal(low.inner_products(torch.from_numpy(queries)), approximate)
+
+
+def test_the_shared_cosine_search_in_bfloat16_equals_the_float32_one() -> None:
+    support = torch.from_numpy(_random((6, 32, 6, 6), 33))
+    queries = torch.from_numpy(_random((4, 32, 6, 6), 34))
+    options = dict(coreset_ratio=0.5, distance="cosine", backend="torch", progress=False)
+    exact = MemoryBankScorer(**options).fit(support)
+    low = MemoryBankScorer(**options, precision="bf16").fit(support)
+    assert np.array_equal(low.bank, exact.bank)  # the coreset does not depend on the search precision
+    for got, want in zip(low.patch_scores_and_raw_distances(queries), exact.patch_scores_and_raw_distances(queries)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(low.patch_scores(queries), exact.patch_scores(queries), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="precision"):
+        MemoryBankScorer(precision="fp8")

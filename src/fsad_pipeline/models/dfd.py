@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsad_pipeline.models.backbones import batch_norm_affine
+from fsad_pipeline.models.precision import autocast
 
 # Architecture constants of the reference (not training hyperparameters).
 LEAKY_RELU_SLOPE = 0.2  # LeakyReLU slope in both discriminators
@@ -233,16 +234,24 @@ class DFDModel(nn.Module):
             depth=config.perlin_depth,
         )
 
-    def path_logits(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(perlin_logits, gaussian_logits), each ``(B, h, w)``, for one path's ``(B, D, h, w)``."""
+    def path_logits(self, features: Tensor, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(perlin_logits, gaussian_logits), each ``(B, h, w)`` float32, for one path's ``(B, D, h, w)``.
+
+        ``compute_dtype`` (e.g. ``torch.bfloat16``) autocasts the adaptor and the Perlin
+        discriminator, as training under that precision does (``dfd_training.path_losses``); the
+        Gaussian discriminator always reads the float32 projection, as it was trained to (it
+        tells features from copies moved by noise finer than bfloat16's step).
+        """
         batch, dim, height, width = features.shape
         if dim != self.dim or (height, width) != self.grid:
             raise ValueError(
                 f"expected (B, {self.dim}, {self.grid[0]}, {self.grid[1]}), got {tuple(features.shape)}"
             )
-        projected = self.adaptor(_to_tokens(features))  # (B, L, D)
-        perlin = self.perlin.forward_tokens(projected)
-        gaussian = self.gaussian(projected.reshape(-1, dim)).reshape(batch, -1)
+        with autocast(compute_dtype, features.device):
+            projected = self.adaptor(_to_tokens(features))  # (B, L, D)
+            perlin = self.perlin.forward_tokens(projected).float()
+        with autocast(None, features.device):
+            gaussian = self.gaussian(projected.float().reshape(-1, dim)).reshape(batch, -1)
         return perlin.reshape(batch, height, width), gaussian.reshape(batch, height, width)
 
     def forward(self, features_low: Tensor, features_high: Tensor) -> dict[str, Tensor]:
@@ -256,9 +265,9 @@ class DFDModel(nn.Module):
             "gaussian_high": gaussian_high,
         }
 
-    def patch_scores(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """ANOMALY scores ``(perlin, gaussian)`` = −logits, each ``(B, h, w)``."""
-        perlin, gaussian = self.path_logits(features)
+    def patch_scores(self, features: Tensor, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """ANOMALY scores ``(perlin, gaussian)`` = −logits, each ``(B, h, w)`` (``compute_dtype``: :meth:`path_logits`)."""
+        perlin, gaussian = self.path_logits(features, compute_dtype)
         return -perlin, -gaussian
 
 

@@ -96,8 +96,9 @@ class DFDTrainConfig:
         precision: ``fp32`` (the reference), ``bf16`` or ``auto``: the adaptor and the Perlin
             discriminator run under bfloat16 autocast (``auto``: only where the chip does
             bfloat16 natively; :mod:`fsad_pipeline.models.precision`). Parameters, optimiser
-            state, the Gaussian discriminator and its noise, the losses and every scoring pass
-            stay float32.
+            state, the Gaussian discriminator and its noise and the losses stay float32. The
+            validation maps and the scoring of new images run the adaptor and the Perlin path the
+            same way (:func:`compute_path_maps`).
         seed: seeds model init, batch sampling and the feature noise.
     """
 
@@ -405,8 +406,14 @@ def compute_path_maps(
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Un-normalised (perlin_map, gaussian_map), each ``(N, H, W)`` on CPU; model in eval mode."""
+    """Un-normalised (perlin_map, gaussian_map), each ``(N, H, W)`` on CPU; model in eval mode.
+
+    ``compute_dtype``: the precision the model was trained in (``DFDTrainConfig.precision``,
+    resolved), so that its validation during training, its normalisation statistics and its
+    scores of new images all see the discriminators as training did (:meth:`DFDModel.path_logits`).
+    """
     was_training = model.training
     model.eval()
     perlin_maps: list[Tensor] = []
@@ -416,8 +423,8 @@ def compute_path_maps(
             for start in range(0, low.shape[0], batch_size):
                 low_batch = low[start : start + batch_size].to(device, torch.float32)
                 high_batch = high[start : start + batch_size].to(device, torch.float32)
-                perlin_low, gaussian_low = model.patch_scores(low_batch)
-                perlin_high, gaussian_high = model.patch_scores(high_batch)
+                perlin_low, gaussian_low = model.patch_scores(low_batch, compute_dtype)
+                perlin_high, gaussian_high = model.patch_scores(high_batch, compute_dtype)
                 maps = generator.path_maps(perlin_low, perlin_high, gaussian_low, gaussian_high)
                 perlin_maps.append(maps["perlin_map"].cpu())
                 gaussian_maps.append(maps["gaussian_map"].cpu())
@@ -437,16 +444,18 @@ def score_dfd(
     score_weights: tuple[float, float] | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Score images from their cached low/high features ``(N, D, h, w)``; ``weights`` and
-    ``score_weights`` (Perlin, Gaussian) override the generator's map and image-score weights.
+    ``score_weights`` (Perlin, Gaussian) override the generator's map and image-score weights;
+    ``compute_dtype``: :func:`compute_path_maps`.
 
     Returns CPU tensors: anomaly_map (N, H, W), pred_score (N,), perlin_map, gaussian_map
     (N, H, W) and perlin_score, gaussian_score (N,) (un-normalised per-path maxima).
     """
     model.to(device)
     perlin_maps, gaussian_maps = compute_path_maps(
-        model, low, high, generator, batch_size=batch_size, device=device
+        model, low, high, generator, batch_size=batch_size, device=device, compute_dtype=compute_dtype
     )
     return generator.from_path_maps(perlin_maps, gaussian_maps, stats, weights, score_weights)
 
@@ -596,7 +605,8 @@ def _maps_and_stats(
 ) -> tuple[Tensor, Tensor, NormalizationStats]:
     """Per-path maps of ``low``/``high`` features and the normalisation statistics frozen from them."""
     perlin_maps, gaussian_maps = compute_path_maps(
-        model, low, high, generator, batch_size=config.scoring_batch_size, device=device
+        model, low, high, generator, batch_size=config.scoring_batch_size, device=device,
+        compute_dtype=resolve_precision(config.precision, device),
     )
     stats = NormalizationStats.from_maps(
         perlin_maps,

@@ -1,7 +1,9 @@
 """Compute precision: float32, or bfloat16 autocast where the chip does it natively.
 
-Used by DFD training (``dfd.precision``) and by the frozen backbones' feature passes
-(``features.precision``, ``memory_bank.features.precision``). A DFD training step is matrix
+Used by DFD (``dfd.precision``: training, and the validation and scoring passes of the model it
+trained), by the frozen backbones' feature passes (``features.precision``,
+``memory_bank.features.precision``) and by the kNN search's matrix product
+(``memory_bank.knn.precision``). A DFD training step is matrix
 products over 1024 patch tokens (the adaptor, the Perlin discriminator's ViT block), a feature
 pass convolutions: on a CPU with AVX512-BF16 or AMX, oneDNN runs both in bfloat16 at about twice
 the float32 rate. :func:`resolve_precision` turns the ``precision`` setting into the dtype

@@ -53,6 +53,7 @@ from fsad_pipeline.models.dfd_training import (
     train_dfd,
 )
 from fsad_pipeline.models.features import PatchFeatureExtractor, extract_features, select_device
+from fsad_pipeline.models.precision import resolve_precision
 from fsad_pipeline.scoring.base import ScoreBatch
 from fsad_pipeline.scoring.calibration import calibrate_threshold
 from fsad_pipeline.synthesis.anomalies import PseudoAnomalySet
@@ -228,7 +229,7 @@ class DFDScorer:
             )
             scored = score_dfd(
                 result.model, validation.low[val_rows], validation.high[val_rows], result.map_generator,
-                result.stats, device=torch_device,
+                result.stats, device=torch_device, compute_dtype=resolve_precision(train_config.precision, torch_device),
             )
             if held_out or len(groups) == 1:  # a scoring member beside validators scores no validation row
                 outputs["anomaly_map"][val_rows] = scored["anomaly_map"]
@@ -285,9 +286,12 @@ class DFDScorer:
         )
 
     def _member_outputs(self, member: DFDMember, low: torch.Tensor, high: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A member's outputs, its discriminators run in the precision they were trained in."""
+        device = select_device(self.device)
         return score_dfd(
             member.model, low, high, self._generator, member.stats, weights=member.map_weights,
-            score_weights=member.score_weights, device=select_device(self.device),
+            score_weights=member.score_weights, device=device,
+            compute_dtype=resolve_precision(self.train_config.precision, device),
         )
 
     def _mean_outputs(self, low: torch.Tensor, high: torch.Tensor) -> ScoreBatch:
