@@ -273,3 +273,15 @@ def test_the_shared_cosine_search_in_bfloat16_equals_the_float32_one() -> None:
     torch.testing.assert_close(low.patch_scores(queries), exact.patch_scores(queries), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="precision"):
         MemoryBankScorer(precision="fp8")
+
+
+def test_a_bank_saved_before_the_precision_setting_loads_and_searches_in_float32(tmp_path) -> None:
+    support = torch.from_numpy(_random((3, 8, 4, 4), 35))
+    scorer = MemoryBankScorer(coreset_ratio=None, distance="cosine", backend="torch", precision="bf16", progress=False)
+    scorer.fit(support).save(tmp_path)
+    assert MemoryBankScorer.load(tmp_path).index.search_dtype == torch.bfloat16  # recorded and restored
+    metadata = json.loads((tmp_path / "memory_bank.json").read_text())
+    del metadata["config"]["precision"]  # as written before the setting existed
+    (tmp_path / "memory_bank.json").write_text(json.dumps(metadata))
+    old = MemoryBankScorer.load(tmp_path)
+    assert old.precision == "fp32" and old.index.search_dtype is None and old._require_fitted(support).search_dtype is None
