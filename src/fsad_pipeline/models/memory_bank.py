@@ -43,10 +43,12 @@ CONFIG_FILE = "memory_bank.json"
 
 #: Candidates per query a bfloat16 search hands to the exact re-ranking (``precision``). Its inner
 #: products carry a relative error of about 2^-8, so the nearest bank vector by them is not always
-#: the nearest one; among the four nearest by them it is. Measured on the default run's test
-#: patches (131k queries against the 5.3k coreset): with 1 candidate 4 % of the patch scores came
-#: out larger (by up to 1 %), with 2 0.3 %, with 4 none of the Euclidean and 2 in 100 000 cosine
-#: ones (by under 1e-4), with 8 none.
+#: the nearest one; it almost always is among the four nearest by them. A returned distance is the
+#: exact one to a bank vector, so never below the true nearest. Measured on the default run's test
+#: patches against the 5.3k coreset, next to float32: with 1 candidate 4 % of the patch scores
+#: came out larger (by up to 1 %), with 2 0.3 %; with 4 the Euclidean ones all equal and 2–8 in
+#: 100 000 of the cosine ones larger, by at most 2.8e-3 on distances near 0.75; with 8 none
+#: differed, but the search was 1.2x slower (README, speed section).
 BF16_CANDIDATES = 4
 
 
