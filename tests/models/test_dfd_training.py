@@ -387,3 +387,29 @@ def test_separate_score_weights_take_the_image_score_from_their_own_map() -> Non
     torch.testing.assert_close(out["pred_score"], generator.fuse(perlin, gaussian, stats, (0.0, 1.0)).flatten(1).amax(1))
     same = generator.from_path_maps(perlin, gaussian, stats, (1.0, 0.0))
     assert same["score_map"] is same["anomaly_map"]
+
+
+def test_shared_normal_rows_train_the_same_model_as_one_copy_per_sample() -> None:
+    """CachedFeatures.normal_index keeps each clean image's features once; training (and the
+    statistics frozen on the normal features without a validation) is the same as with a copy
+    per sample, and a bfloat16 cache of bfloat16 values trains the same model as a float32 one."""
+    split = _make_split(16, 0)
+    index = torch.arange(16) // 8  # two clean images, eight samples each
+    distinct_low, distinct_high = split["normal_low"][[0, 8]], split["normal_high"][[0, 8]]
+    expanded = CachedFeatures(**{**split, "normal_low": distinct_low[index], "normal_high": distinct_high[index]})
+    shared = CachedFeatures(**{**split, "normal_low": distinct_low, "normal_high": distinct_high}, normal_index=index)
+    assert len(shared) == 16 and shared.normal_low.shape[0] == 2
+    first, second = train_dfd(expanded, _config(), progress=False), train_dfd(shared, _config(), progress=False)
+    first_state, second_state = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(first_state[key], second_state[key]) for key in first_state)
+    assert first.stats == second.stats
+    # features that are bfloat16 values (a bfloat16 feature pass) lose nothing in a bfloat16 cache
+    rounded = {k: (v.bfloat16().float() if k in ("normal_low", "normal_high", "aug_low", "aug_high") else v)
+               for k, v in split.items()}
+    as_float = train_dfd(CachedFeatures(**rounded), _config(), progress=False).model.state_dict()
+    halved = CachedFeatures(**{k: (v.bfloat16() if k in ("normal_low", "normal_high", "aug_low", "aug_high") else v)
+                               for k, v in rounded.items()})
+    as_bf16 = train_dfd(halved, _config(), progress=False).model.state_dict()
+    assert all(torch.equal(as_float[key], as_bf16[key]) for key in as_float)
+    with pytest.raises(ValueError, match="normal_index"):
+        CachedFeatures(**{**split, "normal_low": distinct_low, "normal_high": distinct_high}, normal_index=index + 1)

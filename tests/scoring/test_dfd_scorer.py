@@ -42,9 +42,15 @@ def test_training_features_extract_each_clean_image_once(monkeypatch):
     cached = _training_features(extractor, samples, features, torch.device("cpu"), False)
     assert counts == [2, 6]  # 2 distinct normals, 6 augmented samples
     direct_low, direct_high = extract_features(extractor, normals, image_size=32, batch_size=4, progress=False)
-    torch.testing.assert_close(cached.normal_low, direct_low, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached.normal_high, direct_high, rtol=1e-5, atol=1e-5)
-    assert cached.normal_low.shape[0] == 6
+    assert cached.normal_low.shape[0] == 2 and len(cached) == 6  # each clean image kept once
+    every = cached.normal_rows(torch.arange(6))
+    assert every.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(cached.normal_low[every], direct_low, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.normal_high[every], direct_high, rtol=1e-5, atol=1e-5)
+    # a subset keeps the shared rows and re-indexes them
+    part = cached.subset(torch.tensor([4, 1]))
+    assert part.normal_low.shape[0] == 2 and part.normal_rows(torch.arange(2)).tolist() == [1, 0]
+    torch.testing.assert_close(part.aug_low, cached.aug_low[[4, 1]], rtol=0, atol=0)
 
 
 
@@ -211,3 +217,19 @@ def test_members_keep_the_path_weights_they_were_selected_with(datasets, tmp_pat
                                rtol=1e-5, atol=1e-5)
     image_map = generator.fuse(perlin, gaussian, stats, (0.0, 1.0))
     np.testing.assert_allclose(scored["pred_score"], image_map.flatten(1).amax(1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_features_are_kept_in_the_precision_of_the_feature_pass():
+    """A bfloat16 feature pass ends in bfloat16 values: the cache keeps them as bfloat16, equal to
+    the float32 copy the pass returns; a float32 pass is kept in float32."""
+    from fsad_pipeline.scoring.dfd_scorer import _cache_dtype
+
+    images = np.random.default_rng(2).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    low_precision = FeatureConfig(pretrained=False, pretrain_dim=8, target_dim=8, image_size=32, precision="bf16")
+    assert _cache_dtype(low_precision, torch.device("cpu")) == torch.bfloat16
+    assert _cache_dtype(FeatureConfig(precision="fp32"), torch.device("cpu")) == torch.float32
+    extractor = low_precision.build_extractor()
+    as_float = extract_features(extractor, images, image_size=32, progress=False)
+    as_bf16 = extract_features(extractor, images, image_size=32, progress=False, dtype=torch.bfloat16)
+    for full, half in zip(as_float, as_bf16):
+        assert half.dtype == torch.bfloat16 and torch.equal(half.float(), full)

@@ -193,7 +193,10 @@ def _check_features(name: str, tensor: Tensor) -> None:
 class CachedFeatures:
     """Training features: rotated clean image (normal_*) and its augmentation (aug_*) per sample.
 
-    Shapes: features ``(M, D, h, w)``, masks ``(M, H, W)`` in {0, 1}, labels ``(M,)`` in {0, 1}.
+    Shapes: aug features ``(M, D, h, w)``, masks ``(M, H, W)`` in {0, 1}, labels ``(M,)`` in {0, 1}.
+    The normal features are ``(M, D, h, w)`` too, or, with ``normal_index`` ``(M,)``, one row per
+    distinct clean image that sample ``i`` reads at row ``normal_index[i]``: without rotation the
+    80 samples of a support share one clean image, and 160 copies of two maps were half the cache.
     """
 
     normal_low: Tensor
@@ -202,15 +205,27 @@ class CachedFeatures:
     aug_high: Tensor
     masks: Tensor
     labels: Tensor
+    normal_index: Tensor | None = None
 
     def __post_init__(self) -> None:
-        reference = tuple(self.normal_low.shape)
+        reference = tuple(self.aug_low.shape)
+        normal_rows = reference[0] if self.normal_index is None else int(self.normal_low.shape[0])
         for name in ("normal_low", "normal_high", "aug_low", "aug_high"):
             tensor = getattr(self, name)
             _check_features(name, tensor)
-            if tuple(tensor.shape) != reference:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {reference}")
+            expected = (normal_rows, *reference[1:]) if name.startswith("normal") else reference
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+        if self.normal_index is not None and (
+            tuple(self.normal_index.shape) != reference[:1]
+            or bool((self.normal_index < 0).any() | (self.normal_index >= normal_rows).any())
+        ):
+            raise ValueError(f"normal_index must be ({reference[0]},) rows of the {normal_rows} normal features")
         _check_masks_labels(self.masks, self.labels, reference[0])
+
+    def normal_rows(self, samples: Tensor) -> Tensor:
+        """The rows of the normal features that ``samples`` (indices) read."""
+        return samples if self.normal_index is None else self.normal_index[samples]
 
     @property
     def dim(self) -> int:
@@ -225,13 +240,18 @@ class CachedFeatures:
         return int(self.masks.shape[1]), int(self.masks.shape[2])
 
     def __len__(self) -> int:
-        return int(self.normal_low.shape[0])
+        return int(self.aug_low.shape[0])
 
     def subset(self, rows: Tensor) -> CachedFeatures:
         """The samples at ``rows`` (an index tensor); all of them when ``rows`` covers every sample."""
         if rows.numel() == len(self) and bool((rows == torch.arange(len(self))).all()):
             return self
-        return CachedFeatures(*(getattr(self, f.name)[rows] for f in fields(self)))
+        if self.normal_index is None:
+            return CachedFeatures(*(getattr(self, f.name)[rows] for f in fields(self) if f.name != "normal_index"))
+        return CachedFeatures(
+            self.normal_low, self.normal_high, self.aug_low[rows], self.aug_high[rows], self.masks[rows],
+            self.labels[rows], self.normal_index[rows],
+        )
 
 
 @dataclass
@@ -522,8 +542,9 @@ def _build_optimisers(
 def _gather_batch(
     train: CachedFeatures, indices: Tensor, device: str | torch.device
 ) -> dict[str, Tensor]:
+    normal = train.normal_rows(indices)
     return {
-        name: getattr(train, name).index_select(0, indices).to(device, torch.float32)
+        name: getattr(train, name).index_select(0, normal if name.startswith("normal") else indices).to(device, torch.float32)
         for name in ("normal_low", "normal_high", "aug_low", "aug_high", "masks", "labels")
     }
 
@@ -760,7 +781,10 @@ def train_dfd(
     if best_stats is None:
         # No validation split: freeze the stats on the normal training features (biased low:
         # the model has been fitted to them, so anomalies may exceed max; no clipping is done).
-        _, _, best_stats = _maps_and_stats(model, train.normal_low, train.normal_high, generator, config, device)
+        every = train.normal_rows(torch.arange(len(train)))  # one row per sample, as the stats always saw them
+        _, _, best_stats = _maps_and_stats(
+            model, train.normal_low[every], train.normal_high[every], generator, config, device
+        )
     return TrainResult(
         model=model,
         config=replace(config, fusion_weights=best_weights[0], score_weights=best_weights[1]),
