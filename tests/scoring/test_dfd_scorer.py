@@ -43,13 +43,13 @@ def test_training_features_extract_each_clean_image_once(monkeypatch):
     assert counts == [2, 6]  # 2 distinct normals, 6 augmented samples
     direct_low, direct_high = extract_features(extractor, normals, image_size=32, batch_size=4, progress=False)
     assert cached.normal_low.shape[0] == 2 and len(cached) == 6  # each clean image kept once
-    every = cached.normal_rows(torch.arange(6))
+    every = cached.normal_index
     assert every.tolist() == [0, 0, 0, 1, 1, 1]
     torch.testing.assert_close(cached.normal_low[every], direct_low, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached.normal_high[every], direct_high, rtol=1e-5, atol=1e-5)
     # a subset keeps the shared rows and re-indexes them
     part = cached.subset(torch.tensor([4, 1]))
-    assert part.normal_low.shape[0] == 2 and part.normal_rows(torch.arange(2)).tolist() == [1, 0]
+    assert part.normal_low.shape[0] == 2 and part.normal_index.tolist() == [1, 0]
     torch.testing.assert_close(part.aug_low, cached.aug_low[[4, 1]], rtol=0, atol=0)
 
 

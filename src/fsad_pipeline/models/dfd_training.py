@@ -194,9 +194,9 @@ class CachedFeatures:
     """Training features: rotated clean image (normal_*) and its augmentation (aug_*) per sample.
 
     Shapes: aug features ``(M, D, h, w)``, masks ``(M, H, W)`` in {0, 1}, labels ``(M,)`` in {0, 1}.
-    The normal features are ``(M, D, h, w)`` too, or, with ``normal_index`` ``(M,)``, one row per
-    distinct clean image that sample ``i`` reads at row ``normal_index[i]``: without rotation the
-    80 samples of a support share one clean image, and 160 copies of two maps were half the cache.
+    The normal features hold one row per distinct clean image, which sample ``i`` reads at row
+    ``normal_index[i]`` (``(M,)``; omitted: one row per sample, ``arange(M)``). Without rotation
+    the 80 samples of a support share one clean image, and 160 copies of two maps were half the cache.
     """
 
     normal_low: Tensor
@@ -205,27 +205,25 @@ class CachedFeatures:
     aug_high: Tensor
     masks: Tensor
     labels: Tensor
-    normal_index: Tensor | None = None
+    normal_index: Tensor | None = None  # set to arange(M) when omitted
 
     def __post_init__(self) -> None:
         reference = tuple(self.aug_low.shape)
+        # Omitted: one normal row per sample (their count must then match, checked below).
         normal_rows = reference[0] if self.normal_index is None else int(self.normal_low.shape[0])
+        if self.normal_index is None:
+            self.normal_index = torch.arange(reference[0])
         for name in ("normal_low", "normal_high", "aug_low", "aug_high"):
             tensor = getattr(self, name)
             _check_features(name, tensor)
             expected = (normal_rows, *reference[1:]) if name.startswith("normal") else reference
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
-        if self.normal_index is not None and (
-            tuple(self.normal_index.shape) != reference[:1]
-            or bool((self.normal_index < 0).any() | (self.normal_index >= normal_rows).any())
+        if tuple(self.normal_index.shape) != reference[:1] or bool(
+            (self.normal_index < 0).any() | (self.normal_index >= normal_rows).any()
         ):
             raise ValueError(f"normal_index must be ({reference[0]},) rows of the {normal_rows} normal features")
         _check_masks_labels(self.masks, self.labels, reference[0])
-
-    def normal_rows(self, samples: Tensor) -> Tensor:
-        """The rows of the normal features that ``samples`` (indices) read."""
-        return samples if self.normal_index is None else self.normal_index[samples]
 
     @property
     def dim(self) -> int:
@@ -246,8 +244,6 @@ class CachedFeatures:
         """The samples at ``rows`` (an index tensor); all of them when ``rows`` covers every sample."""
         if rows.numel() == len(self) and bool((rows == torch.arange(len(self))).all()):
             return self
-        if self.normal_index is None:
-            return CachedFeatures(*(getattr(self, f.name)[rows] for f in fields(self) if f.name != "normal_index"))
         return CachedFeatures(
             self.normal_low, self.normal_high, self.aug_low[rows], self.aug_high[rows], self.masks[rows],
             self.labels[rows], self.normal_index[rows],
@@ -542,7 +538,7 @@ def _build_optimisers(
 def _gather_batch(
     train: CachedFeatures, indices: Tensor, device: str | torch.device
 ) -> dict[str, Tensor]:
-    normal = train.normal_rows(indices)
+    normal = train.normal_index[indices]
     return {
         name: getattr(train, name).index_select(0, normal if name.startswith("normal") else indices).to(device, torch.float32)
         for name in ("normal_low", "normal_high", "aug_low", "aug_high", "masks", "labels")
@@ -623,11 +619,13 @@ def _maps_and_stats(
     generator: DFDAnomalyMapGenerator,
     config: DFDTrainConfig,
     device: str | torch.device,
+    compute_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, NormalizationStats]:
-    """Per-path maps of ``low``/``high`` features and the normalisation statistics frozen from them."""
+    """Per-path maps of ``low``/``high`` features (in the training's ``compute_dtype``) and the
+    normalisation statistics frozen from them."""
     perlin_maps, gaussian_maps = compute_path_maps(
         model, low, high, generator, batch_size=config.scoring_batch_size, device=device,
-        compute_dtype=resolve_precision(config.precision, device),
+        compute_dtype=compute_dtype,
     )
     stats = NormalizationStats.from_maps(
         perlin_maps,
@@ -719,7 +717,7 @@ def train_dfd(
         selection: float | None = None
         if validation is not None:
             perlin_maps, gaussian_maps, stats = _maps_and_stats(
-                model, validation.low, validation.high, generator, config, device
+                model, validation.low, validation.high, generator, config, device, compute_dtype
             )
             if candidates:
                 map_weights, score_weights, metrics = choose_path_weights(
@@ -781,9 +779,9 @@ def train_dfd(
     if best_stats is None:
         # No validation split: freeze the stats on the normal training features (biased low:
         # the model has been fitted to them, so anomalies may exceed max; no clipping is done).
-        every = train.normal_rows(torch.arange(len(train)))  # one row per sample, as the stats always saw them
+        every = train.normal_index  # one row per sample, as the stats always saw them
         _, _, best_stats = _maps_and_stats(
-            model, train.normal_low[every], train.normal_high[every], generator, config, device
+            model, train.normal_low[every], train.normal_high[every], generator, config, device, compute_dtype
         )
     return TrainResult(
         model=model,
